@@ -52,7 +52,7 @@ unit: assets
 notebooks: assets
 	$(PY) -m pytest notebooks -q -n $(NBVAL_WORKERS) --dist loadfile \
 		--nbval-lax --nbval-current-env --nbval-cell-timeout=1200 \
-		--sanitize-with tests/nbval_sanitize.cfg
+		--nbval-sanitize-with tests/nbval_sanitize.cfg
 
 test: unit notebooks
 

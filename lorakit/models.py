@@ -24,6 +24,7 @@ def load_base_model(
     float32; ``device`` to the CPU.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -34,7 +35,13 @@ def load_base_model(
     if name in ASSETS and ASSETS[name].kind != "model":
         raise ValueError(f"asset {name!r} is a {ASSETS[name].kind}, not a model")
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a 4-second load needs no bar in every notebook
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     if device is not None:
         model = model.to(device)
     model.eval()
