@@ -1,0 +1,127 @@
+"""The training loop: schedule, deterministic batches, accumulation, checkpoint, resume, interrupts."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorakit.train import CHECKPOINT, TrainConfig, batch_for, train, warmup_cosine
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_script import CONFIG, tiny_blocks, tiny_llama  # noqa: E402
+
+SCRIPT = Path(__file__).parent / "train_script.py"
+
+
+def test_warmup_then_cosine():
+    lrs = [warmup_cosine(s, warmup_steps=4, total_steps=20, min_lr_ratio=0.1) for s in range(21)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == pytest.approx(1.0)
+    assert lrs[20] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # non-increasing after warmup
+
+
+def test_batches_depend_only_on_seed_and_step_and_cover_each_epoch():
+    blocks = torch.arange(40).view(10, 4)
+    config = TrainConfig(batch_size=2, grad_accum=1, seed=3)
+    epoch = torch.cat([batch_for(blocks, s, 0, config) for s in range(5)])
+    assert sorted(epoch[:, 0].tolist()) == list(range(0, 40, 4))  # every block once per epoch
+    assert torch.equal(batch_for(blocks, 2, 0, config), batch_for(blocks, 2, 0, config))
+    assert not torch.equal(batch_for(blocks, 5, 0, config), batch_for(blocks, 0, 0, config))  # a new shuffle
+
+
+def test_training_lowers_loss_and_held_out_perplexity():
+    model = tiny_llama()
+    config = TrainConfig(steps=30, lr=1e-2, batch_size=4, warmup_steps=3, progress=False)
+    result = train(model, tiny_blocks(), tiny_blocks(8), config)
+    assert result.step == 30 and len(result.losses) == 30 and not result.interrupted
+    assert result.losses[-1] < 0.5 * result.losses[0]
+    (s0, before), (s1, after) = result.evals
+    assert (s0, s1) == (0, 30) and after < 0.5 * before
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    blocks = tiny_blocks()
+    one = tiny_llama(dropout=0.0)
+    two = copy.deepcopy(one)
+    # SGD, so the update is lr * gradient and compares the gradients themselves
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=1.0)  # noqa: E731
+    common = dict(steps=1, warmup_steps=1, max_grad_norm=None, progress=False)
+    train(one, blocks, config=TrainConfig(batch_size=4, grad_accum=1, **common), optimizer=sgd(one))
+    train(two, blocks, config=TrainConfig(batch_size=2, grad_accum=2, **common), optimizer=sgd(two))
+    for (name, a), b in zip(one.named_parameters(), two.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_killed_run_resumes_to_the_same_losses(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run([sys.executable, str(SCRIPT), str(whole)], check=True)
+    crashed = subprocess.run([sys.executable, str(SCRIPT), str(killed), "--kill-at", "5"])
+    assert crashed.returncode == -9  # SIGKILL: no cleanup ran
+    state = torch.load(killed / CHECKPOINT, weights_only=False)
+    assert state["step"] == 4  # the last checkpoint before the kill (every 2 steps)
+    assert not list(killed.glob(".*.tmp"))
+    subprocess.run([sys.executable, str(SCRIPT), str(killed)], check=True)
+    expected = json.loads((whole / "losses.json").read_text())
+    resumed = json.loads((killed / "losses.json").read_text())
+    assert len(resumed["losses"]) == CONFIG.steps
+    assert resumed["losses"] == expected["losses"]  # bit for bit on the CPU
+    assert resumed["evals"] == expected["evals"]
+
+
+def test_keyboard_interrupt_keeps_the_last_step_and_resumes(tmp_path):
+    expected = train(tiny_llama(), tiny_blocks(), tiny_blocks(8), CONFIG)
+
+    def stop(result):
+        if result.step == 3:
+            raise KeyboardInterrupt
+
+    model = tiny_llama()
+    partial = train(model, tiny_blocks(), tiny_blocks(8), CONFIG, checkpoint_dir=tmp_path, on_step=stop)
+    assert partial.interrupted and partial.step == 3 and len(partial.losses) == 3
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["step"] == 3
+    resumed = train(tiny_llama(seed=99), tiny_blocks(), tiny_blocks(8), CONFIG, checkpoint_dir=tmp_path)
+    assert resumed.losses == expected.losses
+    assert resumed.evals == expected.evals
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
+    train(tiny_llama(), tiny_blocks(), config=TrainConfig(steps=2, checkpoint_every=2, progress=False), checkpoint_dir=tmp_path)
+    before = (tmp_path / CHECKPOINT).read_bytes()
+    real_save = torch.save
+
+    def broken_save(obj, path):
+        real_save({"half": torch.zeros(3)}, path)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(tiny_llama(), tiny_blocks(), config=TrainConfig(steps=4, checkpoint_every=2, progress=False), checkpoint_dir=tmp_path)
+    assert (tmp_path / CHECKPOINT).read_bytes() == before
+
+
+def test_gradient_checkpointing_gives_the_same_losses():
+    config = TrainConfig(steps=3, batch_size=4, progress=False)
+    plain = train(tiny_llama(), tiny_blocks(), config=config)
+    recomputed = train(tiny_llama(), tiny_blocks(), config=TrainConfig(**{**config.__dict__, "gradient_checkpointing": True}))
+    assert recomputed.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+def test_bad_settings_fail_before_training():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="fewer than one batch of 8"):
+        train(model, tiny_blocks(4), config=TrainConfig(batch_size=8))
+    with pytest.raises(ValueError, match="TrainConfig.steps must be at least 1, got 0"):
+        train(model, tiny_blocks(), config=TrainConfig(steps=0))
+    with pytest.raises(ValueError, match="TrainConfig.lr must be positive"):
+        train(model, tiny_blocks(), config=TrainConfig(lr=0))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="nothing to train"):
+        train(model, tiny_blocks(), config=TrainConfig())
