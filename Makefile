@@ -13,12 +13,13 @@ LAB_IP   ?= 127.0.0.1
 LAB_PORT ?= 8888
 # Notebook tests run one notebook per worker.
 NBVAL_WORKERS ?= 2
+CHROMIUM ?= chromium
 
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.lorakit-installed
 ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
-.PHONY: help install assets lab test unit notebooks book env clean
+.PHONY: help install assets lab test unit notebooks browser book env clean
 
 help:
 	@echo "make lab    set up everything and start JupyterLab on notebooks/"
@@ -51,14 +52,19 @@ lab: assets
 		--ServerApp.root_dir=notebooks $(ROOT_FLAG)
 
 unit: assets
-	$(PY) -m pytest tests -q -n $(NBVAL_WORKERS)
+	$(PY) -m pytest tests -q -n $(NBVAL_WORKERS) --ignore=tests/browser
 
 notebooks: assets
 	$(PY) -m pytest notebooks -q -n $(NBVAL_WORKERS) --dist loadfile \
 		--nbval-lax --nbval-current-env --nbval-cell-timeout=1200 \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg
 
-test: unit notebooks
+# Browser tests: JupyterLab in Debian's Chromium (apt-get install chromium; .ci/run does it).
+browser: assets
+	@command -v $(CHROMIUM) >/dev/null || { echo "Chromium is needed for the browser tests: sudo apt-get install chromium (or CHROMIUM=/path/to/chromium)"; exit 1; }
+	LORAKIT_CHROMIUM=$$(command -v $(CHROMIUM)) $(PY) -m pytest tests/browser -q -p no:xdist
+
+test: unit notebooks browser
 
 book: $(STAMP)
 	$(VENV)/bin/jupyter-book build book --warningiserror --keep-going
