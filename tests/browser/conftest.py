@@ -9,7 +9,6 @@ the end, whatever happens. Screenshots go to ``test-artifacts/`` (gitignored).
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -23,7 +22,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = os.environ.get("LORAKIT_CHROMIUM", "/usr/bin/chromium")
 
 
@@ -95,56 +93,3 @@ def lab(tmp_path):
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
-
-
-def screenshot(page, name: str) -> Path:
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
-    page.screenshot(path=str(path), full_page=False)
-    return path
-
-
-def open_notebook(page, lab: Lab, name: str) -> None:
-    page.goto(lab.notebook_url(name))
-    page.wait_for_selector(".jp-NotebookPanel .jp-Notebook", timeout=120_000)
-    wait_kernel_idle(page)
-
-
-def wait_kernel_idle(page, timeout_ms: int = 120_000) -> None:
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status=idle]", state="attached", timeout=timeout_ms)
-
-
-def menu(page, top: str, item: str) -> None:
-    page.click(f"div.lm-MenuBar-itemLabel:text-is('{top}')")
-    page.click(f"li.lm-Menu-item:has-text('{item}')")
-
-
-def restart_and_run_all(page, timeout_ms: int = 600_000) -> None:
-    """Clear every stored output, Restart Kernel and Run All Cells, and wait until every cell has run.
-
-    Clearing first makes every prompt blank, so "every prompt shows a number" can only mean
-    that this run executed the cell.
-    """
-    menu(page, "Edit", "Clear Outputs of All Cells")
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].every(p => !/\\d/.test(p.textContent))"
-    )
-    assert page.locator(".jp-NotebookPanel .jp-OutputArea-output").count() == 0
-    page.click("div.lm-MenuBar-itemLabel:text-is('Kernel')")
-    page.click("li.lm-Menu-item:has-text('Restart Kernel and Run All Cells')")
-    page.click(".jp-Dialog button.jp-mod-accept")
-    # Done = no cell waiting ([*] or blank prompt) and the kernel idle.
-    page.wait_for_function(
-        """() => {
-            const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')];
-            const ind = document.querySelector('.jp-Notebook-ExecutionIndicator');
-            return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent))
-                && ind && ind.dataset.status === 'idle';
-        }""",
-        timeout=timeout_ms,
-        polling=500,
-    )
-
-
-def error_outputs(page) -> list[str]:
-    return page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']").all_inner_texts()

@@ -1,6 +1,6 @@
 """00_welcome runs top to bottom in JupyterLab, as a new user would run it."""
 
-from conftest import error_outputs, open_notebook, restart_and_run_all, screenshot
+from lab import error_outputs, open_notebook, restart_and_run_all, screenshot
 
 
 def test_welcome_runs_top_to_bottom_in_jupyterlab(page, lab):
