@@ -189,8 +189,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             + (f"it has no weights for {len(missing)} LoRA layers of the model (e.g. {missing[0]!r}); " if missing else "")
             + f"the model's LoRA layers are e.g. {sorted(layers)[:3]}"
         )
-    for name, parts in found.items():
-        layer = layers[name]
+    for name, layer in layers.items():  # in the model's module order
+        parts = found[name]
         for part in ("lora_A", "lora_B"):
             if part not in parts:
                 raise ValueError(f"adapter {folder!r} has no {part} tensor for {name!r}")
