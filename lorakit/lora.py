@@ -30,7 +30,15 @@ class LoRALinear(nn.Module):
     too. Only an ``nn.Linear`` base can be merged.
     """
 
-    def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False, name: str = ""):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        name: str = "",
+    ):
         super().__init__()
         d_in, d_out = base_layer.in_features, base_layer.out_features
         where = f"LoRA on {name!r}" if name else f"LoRA on a {type(base_layer).__name__}({d_in} -> {d_out})"
@@ -164,8 +172,11 @@ def add_lora(
     chosen = [(n, m) for n, m in chosen if isinstance(m, LORA_BASE_TYPES)]
     unmatched = [t for t in targets if not any(_matches(n, [t]) for n, _ in chosen)]
     if unmatched:
-        hint = f" (matched non-Linear modules: {', '.join(f'{n} ({type(m).__name__})' for n, m in wrong_type[:3])})" if wrong_type else ""
-        raise ValueError(f"targets {unmatched} match no Linear module of {type(model).__name__}{hint}; {_describe_linears(model)}")
+        others = ", ".join(f"{n} ({type(m).__name__})" for n, m in wrong_type[:3])
+        hint = f" (matched non-Linear modules: {others})" if wrong_type else ""
+        raise ValueError(
+            f"targets {unmatched} match no Linear module of {type(model).__name__}{hint}; {_describe_linears(model)}"
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     for name, base in chosen:
@@ -180,7 +191,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
     layers = _require_lora(model, "merge_lora")
     merged = [n for n, m in layers.items() if m.merged]
     if merged:
-        raise RuntimeError(f"merge_lora: {len(merged)} LoRA layers are already merged (e.g. {merged[0]!r}); call unmerge_lora(model) first")
+        raise RuntimeError(
+            f"merge_lora: {len(merged)} LoRA layers are already merged (e.g. {merged[0]!r}); "
+            "call unmerge_lora(model) first"
+        )
     for layer in layers.values():
         layer.merge()
     return model
@@ -191,7 +205,10 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     layers = _require_lora(model, "unmerge_lora")
     unmerged = [n for n, m in layers.items() if not m.merged]
     if unmerged:
-        raise RuntimeError(f"unmerge_lora: {len(unmerged)} LoRA layers are not merged (e.g. {unmerged[0]!r}); call merge_lora(model) first")
+        raise RuntimeError(
+            f"unmerge_lora: {len(unmerged)} LoRA layers are not merged (e.g. {unmerged[0]!r}); "
+            "call merge_lora(model) first"
+        )
     for layer in layers.values():
         layer.unmerge()
     return model
