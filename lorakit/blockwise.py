@@ -219,12 +219,13 @@ def dequantize_blockwise(packed: torch.Tensor, state: QuantState) -> torch.Tenso
         # all 256 byte values decoded once: pairs[b] = (code[b >> 4], code[b & 15]); one gather
         byte = torch.arange(256)
         pairs = torch.stack([state.code[byte >> 4], state.code[byte & 0xF]], dim=1)  # (256, 2)
-        values = pairs[packed.view(-1).long()].view(-1)  # (2 * bytes,)
+        values = pairs.index_select(0, packed.view(-1).int()).view(-1)  # (2 * bytes,)
     else:
         values = state.code[unpack_codes(packed, state.bits, n).long()]  # (n,)
     n_blocks = absmax.numel()
-    values = torch.nn.functional.pad(values[:n], (0, n_blocks * blocksize - n))
-    out = (values.view(n_blocks, blocksize) * absmax.view(-1, 1)).view(-1)[:n]  # (n,) float32
+    if values.numel() != n_blocks * blocksize:
+        values = torch.nn.functional.pad(values[:n], (0, n_blocks * blocksize - n))
+    out = values.view(n_blocks, blocksize).mul_(absmax.view(-1, 1)).view(-1)[:n]  # (n,) float32
     return out.view(state.shape).to(state.dtype)
 
 
