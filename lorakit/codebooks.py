@@ -46,27 +46,41 @@ def nf_offset(bits: int) -> float:
     return round(exact, 7)
 
 
-def normal_float(bits: int = 4, offset: float | None = None) -> torch.Tensor:
-    """NF-k, QLoRA section 3: ``2**k`` sorted values with an exact zero, ``(2**k,)`` float32.
+def nf_probabilities(bits: int = 4, offset: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probability levels whose normal quantiles become NF-k: ``(p_negative, p_positive)``.
 
-    The positive half has ``2**(k-1)`` values, the quantiles of N(0, 1) at probabilities evenly
-    spaced from ``offset`` down to 0.5 (0.5 itself, the zero, left out); the negative half has one
-    value fewer, ``2**(k-1) - 1``, so that together with the zero they fill ``2**k`` codes (for k = 4:
-    8 positive, 7 negative, 1 zero, "the 8/9 split"). Both halves are scaled so the largest
-    magnitude is 1. Follows bitsandbytes ``create_normal_map(offset, use_extra_value=True)``:
-    probabilities in float32, quantiles in float64, normalisation in float32.
+    ``p_positive``: ``2**(k-1)`` levels evenly spaced from ``offset`` down to 0.5 (0.5 itself, the
+    zero, left out); ``p_negative``: one level fewer. Both float32, as bitsandbytes computes them.
     """
     _check_bits("nf", bits)
     offset = nf_offset(bits) if offset is None else offset
     if not 0.5 < offset < 1.0:
-        raise ValueError(f"normal_float offset={offset} must lie in (0.5, 1)")
+        raise ValueError(f"normal_float offset={offset} must lie in (0.5, 1): it is a probability above the median")
     half = 2 ** (bits - 1)
-    p_pos = torch.linspace(offset, 0.5, half + 1, dtype=torch.float32)[:-1]  # (half,)
-    p_neg = torch.linspace(offset, 0.5, half, dtype=torch.float32)[:-1]  # (half - 1,)
-    positive = torch.special.ndtri(p_pos.double())  # standard-normal quantiles
-    negative = -torch.special.ndtri(p_neg.double())
-    zero = torch.zeros(1, dtype=torch.float64)
-    values = torch.cat([negative, zero, positive]).float().sort().values  # (2**k,)
+    p_positive = torch.linspace(offset, 0.5, half + 1, dtype=torch.float32)[:-1]  # (half,)
+    p_negative = torch.linspace(offset, 0.5, half, dtype=torch.float32)[:-1]  # (half - 1,)
+    return p_negative, p_positive
+
+
+def normal_float(bits: int = 4, offset: float | None = None, symmetric: bool = False) -> torch.Tensor:
+    """NF-k, QLoRA section 3: ``2**k`` sorted values with an exact zero, ``(2**k,)`` float32.
+
+    The positive half holds the quantiles of N(0, 1) at :func:`nf_probabilities`' ``2**(k-1)``
+    levels, the negative half one value fewer, so that with the zero they fill all ``2**k`` codes
+    (for k = 4: 8 positive, 7 negative, 1 zero, "the 8/9 split"). Scaled so the largest value is 1.
+    Follows bitsandbytes ``create_normal_map(offset, use_extra_value=True)``: probabilities in
+    float32, quantiles in float64, normalisation in float32.
+
+    ``symmetric=True`` is the alternative QLoRA rejects (``use_extra_value=False``): ``2**(k-1) - 1``
+    values on each side and a zero, one code wasted (stored as a second zero).
+    """
+    p_negative, p_positive = nf_probabilities(bits, offset)
+    if symmetric:
+        p_positive = p_negative
+    positive = torch.special.ndtri(p_positive.double())  # standard-normal quantiles
+    negative = -torch.special.ndtri(p_negative.double())
+    zeros = torch.zeros(2 if symmetric else 1, dtype=torch.float64)
+    values = torch.cat([negative, zeros, positive]).float().sort().values  # (2**k,)
     return values / values.max()
 
 

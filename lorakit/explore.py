@@ -10,7 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
-from lorakit.blockwise import dequantize_blockwise, quantize_blockwise, storage
+from lorakit.blockwise import (
+    absmax_scale,
+    check_blocksize,
+    dequantize_blockwise,
+    nearest_code,
+    quantize_blockwise,
+    storage,
+)
 
 
 @dataclass
@@ -87,3 +94,55 @@ def tradeoff_widget(w: torch.Tensor):
     box.update = update
     update()
     return box
+
+
+def codebook_error(w: torch.Tensor, table: torch.Tensor, blocksize: int = 64) -> float:
+    """RMSE of blockwise absmax quantization of ``w`` to any sorted ``table`` in [-1, 1].
+
+    For comparing candidate codebooks (say NF4 built with another offset) on real weights.
+    """
+    check_blocksize(blocksize)
+    flat = w.detach().reshape(-1).float()  # (n,)
+    scaled, absmax = absmax_scale(flat, blocksize)
+    codes = nearest_code(scaled, table.float())  # (n,)
+    n_blocks = absmax.numel()
+    values = torch.nn.functional.pad(table.float()[codes.long()], (0, n_blocks * blocksize - flat.numel()))
+    w_hat = (values.view(n_blocks, blocksize) * absmax.view(-1, 1)).view(-1)[: flat.numel()]
+    return float((w_hat - flat).pow(2).mean().sqrt())
+
+
+def check_absmax_int8(fn) -> str:
+    """Checker for the notebook exercise: ``fn(x) -> (codes, scale)`` for one absmax int8 block.
+
+    ``codes`` must be integers in [-127, 127] with ``codes * scale`` reproducing lorakit's Int8
+    (one block as large as the tensor). Raises AssertionError with a hint when they differ.
+    """
+    g = torch.Generator().manual_seed(1)
+    for n in (7, 64, 1000):
+        x = torch.randn(n, generator=g) * 3
+        codes, scale = fn(x)
+        codes = torch.as_tensor(codes)
+        assert codes.shape == x.shape, f"codes must have the input's shape {tuple(x.shape)}, got {tuple(codes.shape)}"
+        assert codes.abs().max() <= 127, "codes must lie in [-127, 127]: scale by 127 / absmax"
+        packed, state = quantize_blockwise(x, "int", blocksize=_next_power_of_two(n), bits=8)
+        expected = dequantize_blockwise(packed, state)
+        got = codes.float() * float(scale)
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), (
+            "codes * scale differs from lorakit's int8; did you round to the nearest integer and use "
+            "scale = absmax / 127?"
+        )
+    return "correct: your absmax int8 matches lorakit's Int8 codebook"
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def check_bits_per_parameter(answer: float, bits: int = 4, blocksize: int = 64, double_quant: bool = False) -> str:
+    """Checker: is ``answer`` the bits per parameter of k-bit blockwise storage (measured on a real tensor)?"""
+    n = blocksize * 256 * 4  # a size every block level divides
+    measured = quantization_tradeoff(torch.randn(n), "int", bits, blocksize, double_quant).bits_per_parameter
+    assert abs(answer - measured) < 1e-3, (
+        f"not quite: {bits} bits per code + the absmax constants; measured {measured:.4f}, you said {answer}"
+    )
+    return f"correct: {measured:.4f} bits per parameter"

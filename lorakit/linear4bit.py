@@ -72,6 +72,18 @@ class Linear4bit(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nn.functional.linear(x, w, bias)  # (..., out_features)
 
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)`` / ``.half()`` must not round the codes' constants: buffers move, never cast.
+
+        (nn.Module would cast every floating buffer, turning the float32 absmax into bf16.)
+        """
+        target = fn(torch.empty(0))  # where this call sends a float tensor: its device
+        kept = {name: buf for name, buf in self._buffers.items() if buf is not None}
+        super()._apply(fn, recurse)
+        for name, buf in kept.items():
+            self._buffers[name] = buf.to(target.device)
+        return self
+
     def storage_bytes(self) -> int:
         """Bytes of the quantized weight and its constants (the bias not included)."""
         return storage(self.weight_packed, self.state).total_bytes

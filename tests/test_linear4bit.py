@@ -160,3 +160,49 @@ def test_tradeoff_widget_drives_from_code():
     assert isinstance(box.result, str) and "bits must be 4" in box.result
     bits.value = 4
     assert box.result.quant_type == "fp4"
+
+
+def test_codebook_error_matches_quantize_blockwise():
+    from lorakit import codebook, normal_float
+    from lorakit.explore import codebook_error
+
+    w = torch.randn(48, 100, generator=torch.Generator().manual_seed(0))  # 4800 values: a partial last block
+    assert codebook_error(w, codebook("nf", 4), 64) == pytest.approx(quantization_tradeoff(w, "nf", 4, 64).rmse, rel=1e-6)
+    assert codebook_error(w, normal_float(4), 64) < codebook_error(w, normal_float(4, symmetric=True), 64)
+    with pytest.raises(ValueError, match="power of two"):
+        codebook_error(w, codebook("nf", 4), 60)
+
+
+def test_exercise_checkers_accept_right_and_reject_wrong_answers():
+    from lorakit.explore import check_absmax_int8, check_bits_per_parameter
+
+    def right(x):
+        scale = x.abs().max() / 127
+        return torch.round(x / scale), scale
+
+    def too_many_codes(x):
+        scale = x.abs().max() / 128
+        return torch.round(x / scale), scale
+
+    def truncates(x):
+        scale = x.abs().max() / 127
+        return torch.trunc(x / scale), scale
+
+    assert check_absmax_int8(right).startswith("correct")
+    with pytest.raises(AssertionError, match=r"lie in \[-127, 127\]"):
+        check_absmax_int8(too_many_codes)
+    with pytest.raises(AssertionError, match="round to the nearest integer"):
+        check_absmax_int8(truncates)
+    assert check_bits_per_parameter(4 + 8 / 64 + 32 / (64 * 256), 4, 64, True).startswith("correct")
+    with pytest.raises(AssertionError, match="measured 4.1270"):
+        check_bits_per_parameter(4.5, 4, 64, True)
+
+
+def test_to_dtype_keeps_the_quantization_state_exact():
+    q = Linear4bit.from_linear(nn.Linear(64, 32), "nf4", 64, double_quant=True)
+    before = q.dequantize()
+    q.to(torch.bfloat16)
+    assert q.absmax2.dtype == torch.float32 and q.code.dtype == torch.float32 and q.absmax_offset.dtype == torch.float32
+    assert q.bias.dtype == torch.bfloat16  # the bias is an ordinary parameter and follows .to()
+    assert torch.equal(q.dequantize(), before)
+    assert q(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
