@@ -6,8 +6,11 @@ the nearest codebook value. An outlier then spoils only its own block, not the w
 
 Bit-identical with ``bitsandbytes.functional.quantize_4bit`` / ``dequantize_4bit`` on the CPU
 (bitsandbytes 0.50.2: the CPU backend has no 4-bit quantize kernel of its own, so the
-``default`` torch kernel in ``backends/default/ops.py`` runs; dequantization runs the C kernel
-``dequantizeBlockwise4bitCpu``, which computes ``table[code] * absmax`` in float32 as we do).
+``default`` torch kernel in ``backends/default/ops.py`` runs; dequantization computes
+``table[code] * absmax`` in float32, then casts, as both its kernels do). One exception: for a
+2-D tensor whose row length is not a multiple of the blocksize, bitsandbytes' native CPU
+dequantize kernel decodes some values with the wrong block's absmax; there we equal its
+quantizer's layout and its pure-PyTorch kernel instead (tests/test_quantization.py).
 """
 
 from __future__ import annotations
