@@ -1,9 +1,21 @@
 """lorakit: LoRA and QLoRA built from scratch, readable, and checked against peft and bitsandbytes."""
-
 from lorakit.adapter import load_adapter, save_adapter
 from lorakit.assets import AssetError, cache_dir, fetch
-from lorakit.data import load_documents, lm_batches, perplexity, split_documents, tokenize_blocks
-from lorakit.lora import LoRALinear, add_lora, lora_layers, merge_lora, unload_lora, unmerge_lora
+from lorakit.blockwise import (
+    dequantize_4bit,
+    dequantize_blockwise,
+    quantize_4bit,
+    quantize_blockwise,
+    QuantState,
+    Storage,
+    storage,
+)
+from lorakit.codebooks import codebook, dynamic_map, fp4, integer, nf_offset, normal_float
+from lorakit.data import lm_batches, load_documents, perplexity, split_documents, tokenize_blocks
+from lorakit.double_quant import dequantize_absmax, quantize_absmax
+from lorakit.explore import quantization_tradeoff, Tradeoff, tradeoff_widget
+from lorakit.linear4bit import dequantize_model, Linear4bit, quantize_model
+from lorakit.lora import add_lora, lora_layers, LoRALinear, merge_lora, unload_lora, unmerge_lora
 from lorakit.models import count_parameters, generate, load_base_model, model_bytes
 from lorakit.runtime import Runtime, setup
 
@@ -11,13 +23,25 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AssetError",
+    "Linear4bit",
     "LoRALinear",
+    "QuantState",
     "Runtime",
+    "Storage",
+    "Tradeoff",
     "add_lora",
     "cache_dir",
+    "codebook",
     "count_parameters",
+    "dequantize_4bit",
+    "dequantize_absmax",
+    "dequantize_blockwise",
+    "dequantize_model",
+    "dynamic_map",
     "fetch",
+    "fp4",
     "generate",
+    "integer",
     "lm_batches",
     "load_adapter",
     "load_base_model",
@@ -25,11 +49,20 @@ __all__ = [
     "lora_layers",
     "merge_lora",
     "model_bytes",
+    "nf_offset",
+    "normal_float",
     "perplexity",
+    "quantization_tradeoff",
+    "quantize_4bit",
+    "quantize_absmax",
+    "quantize_blockwise",
+    "quantize_model",
     "save_adapter",
     "setup",
     "split_documents",
+    "storage",
     "tokenize_blocks",
+    "tradeoff_widget",
     "unload_lora",
     "unmerge_lora",
 ]
