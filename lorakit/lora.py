@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.linear4bit import Linear4bit
+
 
 class LoRALinear(nn.Module):
     """A frozen Linear-like ``base_layer`` plus the update ``(alpha / r) * B A`` (LoRA §4.1).
@@ -48,10 +50,12 @@ class LoRALinear(nn.Module):
         # rsLoRA (Kalajdzievski 2023) scales by alpha / sqrt(r) so larger ranks keep learning.
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        weight = base_layer.weight
-        dtype = weight.dtype if weight.is_floating_point() else getattr(base_layer, "compute_dtype", torch.float32)
-        self.lora_A = nn.Parameter(torch.empty(r, d_in, dtype=dtype, device=weight.device))  # (r, d_in)
-        self.lora_B = nn.Parameter(torch.zeros(d_out, r, dtype=dtype, device=weight.device))  # (d_out, r)
+        if isinstance(base_layer, Linear4bit):  # QLoRA: LoRA trains in the dtype W0 had before quantization
+            dtype, device = base_layer.weight_dtype, base_layer.weight_packed.device
+        else:
+            dtype, device = base_layer.weight.dtype, base_layer.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, dtype=dtype, device=device))  # (r, d_in)
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r, dtype=dtype, device=device))  # (d_out, r)
         # peft's reset_lora_parameters(init_lora_weights=True), after loralib: A as nn.Linear's
         # default init, B = 0, so B A = 0 and the wrapped layer starts equal to the base layer.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -110,8 +114,8 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, rslora={self.rslora}, merged={self.merged}"
 
 
-# Base layer types add_lora can wrap; a later module (4-bit Linear) adds its class here.
-LORA_BASE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,)
+# Base layer types add_lora can wrap: plain Linears (LoRA) and lorakit's 4-bit Linears (QLoRA).
+LORA_BASE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Linear4bit)
 
 
 def _check_hyperparameters(where: str, r, alpha, dropout, d_in: int, d_out: int) -> None:
