@@ -29,7 +29,9 @@ class Linear4bit(nn.Module):
     def __init__(self, weight_packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None):
         super().__init__()
         if len(state.shape) != 2:
-            raise ValueError(f"Linear4bit needs a 2-D weight (out_features, in_features), got shape {tuple(state.shape)}")
+            raise ValueError(
+                f"Linear4bit needs a 2-D weight (out_features, in_features), got shape {tuple(state.shape)}"
+            )
         self.out_features, self.in_features = state.shape
         self.blocksize, self.quant_type, self.bits = state.blocksize, state.quant_type, state.bits
         self.weight_dtype = state.dtype  # the dtype the weight had before quantization
@@ -90,7 +92,10 @@ class Linear4bit(nn.Module):
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.quant_type}, blocksize={self.blocksize}{dq}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"{self.quant_type}, blocksize={self.blocksize}{dq}"
+        )
 
 
 def _skipped(name: str, skip: tuple[str, ...]) -> bool:
