@@ -1,7 +1,20 @@
 """lorakit: LoRA and QLoRA built from scratch, readable, and checked against peft and bitsandbytes."""
 
 from lorakit.assets import AssetError, cache_dir, fetch
+from lorakit.blockwise import (
+    QuantState,
+    Storage,
+    dequantize_4bit,
+    dequantize_blockwise,
+    quantize_4bit,
+    quantize_blockwise,
+    storage,
+)
+from lorakit.codebooks import codebook, dynamic_map, fp4, integer, nf_offset, normal_float
 from lorakit.data import load_documents, lm_batches, perplexity, split_documents, tokenize_blocks
+from lorakit.double_quant import dequantize_absmax, quantize_absmax
+from lorakit.explore import Tradeoff, quantization_tradeoff, tradeoff_widget
+from lorakit.linear4bit import Linear4bit, dequantize_model, quantize_model
 from lorakit.models import count_parameters, generate, load_base_model, model_bytes
 from lorakit.runtime import Runtime, setup
 
@@ -9,17 +22,38 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AssetError",
+    "Linear4bit",
+    "QuantState",
     "Runtime",
+    "Storage",
+    "Tradeoff",
     "cache_dir",
+    "codebook",
     "count_parameters",
+    "dequantize_4bit",
+    "dequantize_absmax",
+    "dequantize_blockwise",
+    "dequantize_model",
+    "dynamic_map",
     "fetch",
+    "fp4",
     "generate",
+    "integer",
     "lm_batches",
     "load_base_model",
     "load_documents",
     "model_bytes",
+    "nf_offset",
+    "normal_float",
     "perplexity",
+    "quantization_tradeoff",
+    "quantize_4bit",
+    "quantize_absmax",
+    "quantize_blockwise",
+    "quantize_model",
     "setup",
     "split_documents",
+    "storage",
     "tokenize_blocks",
+    "tradeoff_widget",
 ]

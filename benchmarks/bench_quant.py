@@ -1,0 +1,57 @@
+"""lorakit's 4-bit quantize / dequantize time over bitsandbytes' CPU time (4096 x 4096, NF4).
+
+Prints medians of several runs and their ratios (target: at most 1.0). No assertions on time.
+Run: ``python benchmarks/bench_quant.py [--repeats 7]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+
+import lorakit
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm up (allocations, bitsandbytes' kernel caches)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--size", type=int, default=4096)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    import bitsandbytes.functional as bnb
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size}x{args.size}, "
+          f"median of {args.repeats}")
+    print(f"{'dtype':>9} {'op':>10} {'lorakit s':>10} {'bnb s':>8} {'ratio':>6}")
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.randn(args.size, args.size, generator=torch.Generator().manual_seed(0)).to(dtype)
+        packed, state = lorakit.quantize_4bit(w, "nf4", 64)
+        ref_packed, ref_state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        assert torch.equal(packed, ref_packed), "the benchmark compares equal work only"
+        rows = [
+            ("quantize", lambda: lorakit.quantize_4bit(w, "nf4", 64),
+             lambda: bnb.quantize_4bit(w, blocksize=64, quant_type="nf4")),
+            ("dequantize", lambda: lorakit.dequantize_4bit(packed, state),
+             lambda: bnb.dequantize_4bit(ref_packed, ref_state)),
+        ]
+        for op, ours, theirs in rows:
+            t_ours, t_theirs = median_seconds(ours, args.repeats), median_seconds(theirs, args.repeats)
+            print(f"{str(dtype).split('.')[-1]:>9} {op:>10} {t_ours:10.4f} {t_theirs:8.4f} {t_ours / t_theirs:6.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""Blockwise absmax quantization to a k-bit codebook, and the bitsandbytes-named 4-bit API.
+
+QLoRA section 2 ("Block-wise k-bit Quantization"): cut the flattened weight into blocks of
+``blocksize`` values, scale each block by its absolute maximum into [-1, 1], and store the index of
+the nearest codebook value. An outlier then spoils only its own block, not the whole tensor.
+
+Bit-identical with ``bitsandbytes.functional.quantize_4bit`` / ``dequantize_4bit`` on the CPU
+(bitsandbytes 0.50.2: the CPU backend has no 4-bit quantize kernel of its own, so the
+``default`` torch kernel in ``backends/default/ops.py`` runs; dequantization computes
+``table[code] * absmax`` in float32, then casts, as both its kernels do). One exception: for a
+2-D tensor whose row length is not a multiple of the blocksize, bitsandbytes' native CPU
+dequantize kernel decodes some values with the wrong block's absmax; there we equal its
+quantizer's layout and its pure-PyTorch kernel instead (tests/test_quantization.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lorakit.codebooks import codebook, parse_kind
+from lorakit.double_quant import SecondLevelState, dequantize_absmax, quantize_absmax
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class QuantState:
+    """Everything besides the packed codes that dequantization needs (bitsandbytes ``QuantState``).
+
+    absmax: (n_blocks,) float32, or uint8 when double-quantized (then ``offset`` and ``state2``
+    undo the second level); shape/dtype: of the original tensor; code: (2**bits,) the codebook.
+    """
+
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    code: torch.Tensor
+    quant_type: str  # "nf4", "fp4", "int3", ...
+    bits: int = 4
+    offset: torch.Tensor | None = None
+    state2: SecondLevelState | None = None
+
+    @property
+    def nested(self) -> bool:
+        """True when the absmax constants are double-quantized."""
+        return self.state2 is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+# ---------------------------------------------------------------- checks that teach
+def check_blocksize(blocksize: int) -> None:
+    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 1 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize={blocksize!r} is not a power of two; use e.g. 64 (QLoRA), 128 or 4096")
+
+
+def check_weight(w: torch.Tensor, name: str = "weight") -> None:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {w.dtype}; blockwise quantization takes float32, bfloat16 or float16")
+    if w.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(w.shape)}); there is nothing to quantize")
+
+
+def _raise_not_finite(w: torch.Tensor, name: str) -> None:
+    nan = int(torch.isnan(w).sum())
+    inf = int(torch.isinf(w).sum())
+    raise ValueError(
+        f"{name} (shape {tuple(w.shape)}) has {nan} NaN and {inf} Inf values out of {w.numel()}; "
+        "absmax quantization needs finite numbers (check the checkpoint or the step that produced it)"
+    )
+
+
+def packed_numel(n: int, bits: int) -> int:
+    """Bytes needed for ``n`` codes of ``bits`` bits each, packed back to back."""
+    return -(n * bits // -8)
+
+
+def check_state(packed: torch.Tensor, state: QuantState) -> None:
+    """Raise if ``state`` cannot belong to ``packed`` (sizes that disagree, wrong dtypes)."""
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a lorakit QuantState (from quantize_4bit), got {type(state).__name__}")
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed codes must be uint8, got {packed.dtype}")
+    n = state.numel
+    n_blocks = -(n // -state.blocksize)
+    expected = packed_numel(n, state.bits)
+    if packed.numel() != expected:
+        raise ValueError(
+            f"this state belongs to a tensor of shape {tuple(state.shape)} at {state.bits} bits "
+            f"({expected} packed bytes), but the packed tensor has {packed.numel()} bytes"
+        )
+    if state.absmax.numel() != n_blocks:
+        raise ValueError(
+            f"state.absmax has {state.absmax.numel()} constants but shape {tuple(state.shape)} "
+            f"with blocksize {state.blocksize} needs {n_blocks}"
+        )
+    if state.code.numel() != 2**state.bits:
+        raise ValueError(f"state.code has {state.code.numel()} entries, expected 2**{state.bits}")
+    if state.nested and state.absmax.dtype != torch.uint8:
+        raise ValueError(f"a double-quantized state needs uint8 absmax codes, got {state.absmax.dtype}")
+
+
+# ---------------------------------------------------------------- the algorithm
+def absmax_scale(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale each block into [-1, 1]: (n,) float32 -> (scaled (n,), absmax (n_blocks,) float32).
+
+    Written exactly as bitsandbytes' default ``quantize_4bit`` kernel, because values that land
+    near a code midpoint depend on the arithmetic: full blocks are multiplied by ``1 / absmax``,
+    the last, partial block is *divided* by its absmax; a zero absmax is clamped to 1e-38 before
+    use (and the clamped value is stored only for the partial block). The clamp to [-1, 1] is
+    skipped: it never changes which code a value gets.
+    """
+    n = flat.numel()
+    rem = n % blocksize
+    full = n - rem
+    blocks = flat[:full].view(-1, blocksize)  # (n_full_blocks, blocksize)
+    absmax = blocks.abs().amax(dim=1)  # (n_full_blocks,)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1)).view(-1)  # (full,)
+    if rem:
+        last = flat[full:].abs().max().clamp(min=1e-38)  # 0-dim
+        absmax = torch.cat([absmax, last.view(1)])
+        scaled = torch.cat([scaled, flat[full:] / last])
+    return scaled, absmax
+
+
+def nearest_code(scaled: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest table value: (n,) float32 -> (n,) uint8.
+
+    ``bucketize`` against the midpoints of the sorted table (bitsandbytes ``_get_4bit_quantize_bounds``):
+    a value exactly on a midpoint takes the lower code. FP4's table is not sorted, so the bucket
+    index is mapped back through the sorting order.
+    """
+    order = torch.argsort(table)
+    ordered = table[order]
+    midpoints = (ordered[:-1] + ordered[1:]) / 2  # (2**bits - 1,)
+    bucket = torch.bucketize(scaled, midpoints, out_int32=True)
+    if not torch.equal(order, torch.arange(table.numel())):
+        bucket = order[bucket]
+    return bucket.to(torch.uint8)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack k-bit codes back to back, first code in the high bits: (n,) uint8 -> (bytes, 1) uint8.
+
+    For 4 bits that is bitsandbytes' order, ``(q[0::2] << 4) | q[1::2]``; other widths fill the
+    last byte with zero bits. (quantize_blockwise appends the code of 0.0 to an odd count of 4-bit
+    codes first, as bitsandbytes does: NF4 code 7, FP4 code 0.)
+    """
+    if bits == 4:
+        if codes.numel() % 2:
+            codes = torch.cat([codes, codes.new_zeros(1)])
+        return ((codes[0::2] << 4) | codes[1::2]).view(-1, 1)
+    if bits == 8:
+        return codes.view(-1, 1).clone()
+    shifts = torch.arange(bits - 1, -1, -1, dtype=torch.uint8)  # (bits,), most significant first
+    stream = ((codes.view(-1, 1) >> shifts) & 1).view(-1)  # (n * bits,) one bit each
+    stream = torch.nn.functional.pad(stream, (0, -stream.numel() % 8))
+    weights = 1 << torch.arange(7, -1, -1, dtype=torch.int32)  # (8,)
+    return (stream.view(-1, 8).int() * weights).sum(dim=1).to(torch.uint8).view(-1, 1)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: (bytes, 1) uint8 -> (n,) uint8."""
+    flat = packed.reshape(-1)
+    if bits == 4:
+        return torch.stack([flat >> 4, flat & 0xF], dim=1).view(-1)[:n]
+    if bits == 8:
+        return flat[:n]
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
+    stream = ((flat.view(-1, 1) >> shifts) & 1).view(-1)[: n * bits]  # (n * bits,)
+    weights = 1 << torch.arange(bits - 1, -1, -1, dtype=torch.int32)  # (bits,)
+    return (stream.view(n, bits).int() * weights).sum(dim=1).to(torch.uint8)
+
+
+def quantize_blockwise(
+    w: torch.Tensor,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = False,
+    bits: int | None = None,
+    name: str = "weight",
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize ``w`` (any shape) to a k-bit codebook in blocks: -> (packed (bytes, 1) uint8, state).
+
+    ``quant_type`` names the codebook (``"nf4"``, ``"fp4"``, ``"int8"``, or a family ``"nf"`` /
+    ``"int"`` with ``bits``). ``double_quant`` also quantizes the absmax constants (QLoRA section 3).
+    ``name`` is used in error messages.
+    """
+    check_weight(w, name)
+    check_blocksize(blocksize)
+    kind, bits = parse_kind(quant_type, bits)
+    table = codebook(kind, bits)  # (2**bits,)
+    flat = w.detach().reshape(-1).float()  # (n,), exact for bf16 and fp16
+    scaled, absmax = absmax_scale(flat, blocksize)
+    if not torch.isfinite(absmax).all():  # a NaN or Inf anywhere shows up in its block's absmax
+        _raise_not_finite(w, name)
+    if bits == 4 and scaled.numel() % 2:  # bitsandbytes pads the *scaled* values with a 0.0
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    packed = pack_codes(nearest_code(scaled, table), bits)
+    state = QuantState(absmax, w.shape, w.dtype, blocksize, table, f"{kind}{bits}", bits)
+    if double_quant:
+        state.absmax, state.offset, state.state2 = quantize_absmax(absmax)
+    return packed, state
+
+
+def dequantize_blockwise(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """``code[q] * absmax`` per block in float32, cast to ``state.dtype``, in ``state.shape``."""
+    check_state(packed, state)
+    absmax = state.absmax
+    if state.nested:
+        absmax = dequantize_absmax(state.absmax, state.offset, state.state2)  # (n_blocks,) float32
+    n, blocksize = state.numel, state.blocksize
+    if state.bits == 4:
+        # all 256 byte values decoded once: pairs[b] = (code[b >> 4], code[b & 15]); one gather
+        byte = torch.arange(256)
+        pairs = torch.stack([state.code[byte >> 4], state.code[byte & 0xF]], dim=1)  # (256, 2)
+        values = pairs.index_select(0, packed.view(-1).int()).view(-1)  # (2 * bytes,)
+    else:
+        values = state.code[unpack_codes(packed, state.bits, n).long()]  # (n,)
+    n_blocks = absmax.numel()
+    if values.numel() != n_blocks * blocksize:
+        values = torch.nn.functional.pad(values[:n], (0, n_blocks * blocksize - n))
+    out = values.view(n_blocks, blocksize).mul_(absmax.view(-1, 1)).view(-1)[:n]  # (n,) float32
+    return out.view(state.shape).to(state.dtype)
+
+
+# ---------------------------------------------------------------- bitsandbytes-named API
+def quantize_4bit(
+    w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = False
+) -> tuple[torch.Tensor, QuantState]:
+    """4-bit blockwise quantization, ``bitsandbytes.functional.quantize_4bit`` by another name.
+
+    ``quant_type``: ``"nf4"``, ``"fp4"`` or ``"int4"``; ``double_quant`` is bitsandbytes'
+    ``compress_statistics``. Returns ``packed: ((n + 1) // 2, 1) uint8`` and the state.
+    """
+    kind, bits = parse_kind(quant_type, 4)
+    return quantize_blockwise(w, f"{kind}{bits}", blocksize, double_quant)
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """Undo :func:`quantize_4bit` (``bitsandbytes.functional.dequantize_4bit``)."""
+    return dequantize_blockwise(packed, state)
+
+
+# ---------------------------------------------------------------- honest storage accounting
+@dataclass
+class Storage:
+    """Bytes of each stored tensor, and bits per parameter from those byte counts."""
+
+    n_params: int
+    code_bytes: int  # the packed k-bit codes
+    absmax_bytes: int  # one constant per block (float32, or uint8 when double-quantized)
+    absmax2_bytes: int  # one float32 per 256 constants (double quantization only)
+    constant_bytes: int  # per-tensor constants: codebooks and the offset
+
+    @property
+    def bits_per_parameter(self) -> float:
+        """Per-block storage only, as QLoRA counts it: 4 + 32/64 = 4.5, or 4 + 8/64 + 32/(64*256)."""
+        return 8 * (self.code_bytes + self.absmax_bytes + self.absmax2_bytes) / self.n_params
+
+    @property
+    def total_bytes(self) -> int:
+        return self.code_bytes + self.absmax_bytes + self.absmax2_bytes + self.constant_bytes
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def storage(packed: torch.Tensor, state: QuantState) -> Storage:
+    """Count the bytes of the real tensors that hold a quantized weight."""
+    check_state(packed, state)
+    second = state.state2
+    return Storage(
+        n_params=state.numel,
+        code_bytes=_nbytes(packed),
+        absmax_bytes=_nbytes(state.absmax),
+        absmax2_bytes=_nbytes(second.absmax) if second else 0,
+        constant_bytes=_nbytes(state.code) + _nbytes(state.offset) + (_nbytes(second.code) if second else 0),
+    )

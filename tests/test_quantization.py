@@ -1,0 +1,323 @@
+"""Codebooks, blockwise quantization and double quantization against bitsandbytes 0.50.2 on the CPU.
+
+Bit-identical means ``torch.equal`` on packed codes, absmax, offset, second-level absmax and the
+dequantized tensors. bitsandbytes' ``quantize_4bit`` accepts blocksizes 32..4096 only, so the
+comparisons use 64..4096; lorakit itself accepts any power of two (tested by properties below).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lorakit import (
+    QuantState,
+    codebook,
+    dequantize_4bit,
+    dequantize_absmax,
+    dequantize_blockwise,
+    dynamic_map,
+    fp4,
+    integer,
+    nf_offset,
+    normal_float,
+    quantize_4bit,
+    quantize_absmax,
+    quantize_blockwise,
+    storage,
+)
+from lorakit.blockwise import pack_codes, unpack_codes
+from lorakit.codebooks import widest_gap
+
+warnings.filterwarnings("ignore", message=".*kernels.*")
+bnbF = pytest.importorskip("bitsandbytes.functional")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def bnb_reference_dequantize(packed: torch.Tensor, state) -> torch.Tensor:
+    """bitsandbytes' own pure-PyTorch 4-bit dequantization (backends/default/ops.py), uncompiled."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    compute = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
+    code = _get_4bit_code(state.quant_type, packed.device)
+    return compute(packed.reshape(-1), absmax, code, state.blocksize, state.shape, state.dtype)
+
+
+def blocks_follow_rows(shape: torch.Size, blocksize: int) -> bool:
+    """True unless a 2-D tensor's blocks straddle its rows (row length not a multiple of blocksize).
+
+    bitsandbytes 0.50.2's native CPU kernel ``dequantizeBlockwise4bitCpu`` (used for an even row
+    length and, on AVX-512 machines, blocksize < 2048) decodes some values of such tensors with the
+    absmax of the wrong block: it disagrees with bitsandbytes' own quantizer and with its
+    pure-PyTorch kernel. lorakit follows the quantizer and the pure-PyTorch kernel, so for those
+    shapes the comparison is with the latter.
+    """
+    n = math.prod(shape)
+    return len(shape) == 1 or shape[-1] % blocksize == 0 or n <= blocksize or shape[-1] % 2 == 1
+
+
+def assert_same_as_bnb(w: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool) -> None:
+    ref_packed, ref = bnbF.quantize_4bit(
+        w, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant
+    )
+    packed, state = quantize_4bit(w, quant_type, blocksize, double_quant)
+    assert packed.dtype == torch.uint8 and packed.shape == ref_packed.shape
+    assert torch.equal(packed, ref_packed), f"{(packed != ref_packed).sum()} packed bytes differ"
+    assert torch.equal(state.absmax, ref.absmax)
+    if double_quant:
+        assert torch.equal(state.offset, ref.offset)
+        assert torch.equal(state.state2.absmax, ref.state2.absmax)
+        assert torch.equal(state.state2.code, ref.state2.code)
+        assert state.state2.blocksize == ref.state2.blocksize == 256
+    out = dequantize_4bit(packed, state)
+    assert out.dtype == w.dtype and out.shape == w.shape
+    assert torch.equal(out, bnb_reference_dequantize(ref_packed, ref).reshape(w.shape))
+    if blocks_follow_rows(w.shape, blocksize):
+        ref_out = bnbF.dequantize_4bit(ref_packed, ref)  # the public API (native kernel where it applies)
+        assert ref_out.dtype == w.dtype
+        assert torch.equal(out, ref_out.reshape(w.shape))  # bnb returns (1, n) for 1-D inputs
+
+
+# ---------------------------------------------------------------- codebooks
+def test_nf4_offset_is_derived():
+    assert nf_offset(4) == 0.9677083
+    assert (1 - 1 / 30 + 1 - 1 / 32) / 2 == pytest.approx(0.9677083, abs=1e-7)
+
+
+def test_nf4_table_equals_bitsandbytes():
+    table = codebook("nf", 4)
+    assert torch.equal(table, bnbF.get_4bit_type("nf4", device="cpu"))
+    ref = bnbF.create_normal_map()  # 256 entries: the 16 values spread among 241 zeros
+    assert torch.equal(torch.unique(ref), torch.unique(table))
+
+
+def test_fp4_table_equals_bitsandbytes():
+    assert torch.equal(fp4(), bnbF.get_4bit_type("fp4", device="cpu"))
+    # bitsandbytes' get_4bit_type("int4") raises in 0.50.2 (it divides an integer tensor in place),
+    # so Int-k is checked by its defining property in test_int_k_is_symmetric instead.
+
+
+def test_dynamic_map_equals_bitsandbytes():
+    assert torch.equal(dynamic_map(), bnbF.create_dynamic_map())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_nf_k_is_asymmetric_with_exact_zero(bits):
+    table = normal_float(bits)
+    assert table.shape == (2**bits,) and table.dtype == torch.float32
+    assert torch.all(table[1:] > table[:-1]), "sorted and distinct"
+    assert table.min() == -1 and table.max() == 1 and (table == 0).sum() == 1
+    assert (table > 0).sum() == 2 ** (bits - 1) and (table < 0).sum() == 2 ** (bits - 1) - 1
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_int_k_is_symmetric(bits):
+    table = integer(bits)
+    m = 2 ** (bits - 1) - 1
+    assert table.shape == (2**bits,)
+    assert torch.equal(table, -table.flip(0))
+    assert torch.equal(torch.unique(table * m), torch.arange(-m, m + 1, dtype=torch.float32))
+
+
+def test_codebook_errors():
+    with pytest.raises(ValueError, match="bits=9 is out of range"):
+        codebook("nf", 9)
+    with pytest.raises(ValueError, match="bits=1 is out of range"):
+        codebook("int", 1)
+    with pytest.raises(ValueError, match="FP4 .* only"):
+        codebook("fp", 3)
+    with pytest.raises(ValueError, match="kind='af' is not known"):
+        codebook("af", 4)
+    with pytest.raises(ValueError, match="says 4 bits but bits=3"):
+        codebook("nf4", 3)
+    assert torch.equal(codebook("nf3"), codebook("nf", 3))
+
+
+# ---------------------------------------------------------------- bit identity with bitsandbytes
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+@pytest.mark.parametrize("blocksize", [64, 128, 256, 512, 1024, 2048, 4096])
+def test_bit_identical_with_bitsandbytes(dtype, quant_type, double_quant, blocksize):
+    torch.manual_seed(blocksize)
+    w = (torch.randn(96, 101) * 0.02).to(dtype)  # 9696 values: no blocksize divides it; odd last dim
+    w[5, 7] = 0.5  # an outlier
+    assert_same_as_bnb(w, quant_type, blocksize, double_quant)
+    w = (torch.randn(64, 1024) * 0.02).to(dtype)  # many blocks, several second-level blocks
+    assert_same_as_bnb(w, quant_type, blocksize, double_quant)
+    w = (torch.randn(48, 576) * 0.02).to(dtype)  # SmolLM2's width: blocks of 128+ straddle rows
+    assert_same_as_bnb(w, quant_type, blocksize, double_quant)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    cols=st.integers(1, 300),
+    dtype=st.sampled_from(DTYPES),
+    blocksize=st.sampled_from([64, 128, 256, 1024, 4096]),
+    quant_type=st.sampled_from(["nf4", "fp4"]),
+    double_quant=st.booleans(),
+    scale=st.sampled_from([1e-3, 1.0, 100.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_bit_identical_property(rows, cols, dtype, blocksize, quant_type, double_quant, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(rows, cols, generator=g) * scale).to(dtype)
+    assert_same_as_bnb(w, quant_type, blocksize, double_quant)
+
+
+def test_zero_blocks_match_bitsandbytes():
+    w = torch.zeros(4, 100)  # a full zero block and a zero remainder block
+    w[3, 50:] = torch.linspace(-1, 1, 50)
+    for double_quant in (False, True):
+        assert_same_as_bnb(w, "nf4", 64, double_quant)
+    assert_same_as_bnb(torch.ones(64, 64), "nf4", 64, True)  # all absmax equal: centred constants are 0
+
+
+def test_every_smollm2_linear_matches_bitsandbytes(smollm2):
+    model, _ = smollm2  # read only
+    checked = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name == "lm_head":
+            continue
+        w = module.weight.detach()
+        ref_packed, ref = bnbF.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+        packed, state = quantize_4bit(w, "nf4", 64, double_quant=True)
+        assert torch.equal(packed, ref_packed), name
+        assert torch.equal(state.absmax, ref.absmax), name
+        assert torch.equal(state.offset, ref.offset) and torch.equal(state.state2.absmax, ref.state2.absmax), name
+        assert torch.equal(dequantize_4bit(packed, state), bnbF.dequantize_4bit(ref_packed, ref)), name
+        checked += 1
+    assert checked == 30 * 7  # q, k, v, o, gate, up, down in 30 layers
+
+
+# ---------------------------------------------------------------- properties
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 700),
+    kind=st.sampled_from(["nf", "int", "fp"]),
+    bits=st.integers(2, 8),
+    blocksize=st.sampled_from([1, 2, 16, 64, 128, 1024]),
+    seed=st.integers(0, 2**16),
+)
+def test_round_trip_within_half_the_widest_gap(n, kind, bits, blocksize, seed):
+    bits = 4 if kind == "fp" else bits
+    w = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    packed, state = quantize_blockwise(w, kind, blocksize, bits=bits)
+    w_hat = dequantize_blockwise(packed, state)
+    absmax = state.absmax.repeat_interleave(blocksize)[:n]  # (n,)
+    bound = widest_gap(state.code) / 2 * absmax
+    assert torch.all((w_hat - w).abs() <= bound * (1 + 1e-6) + 1e-30)
+    assert packed.numel() == math.ceil(n * bits / 8)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 3000), seed=st.integers(0, 2**16))
+def test_double_quantized_absmax_error_is_bounded(n, seed):
+    absmax = torch.rand(n, generator=torch.Generator().manual_seed(seed)) * 0.1
+    q, offset, state2 = quantize_absmax(absmax)
+    restored = dequantize_absmax(q, offset, state2)
+    scale = state2.absmax.repeat_interleave(256)[:n]
+    # the 8-bit dynamic type's widest gap is near 1: 1 - 0.9930 on the 0.1..1 decade
+    assert torch.all((restored - absmax).abs() <= widest_gap(dynamic_map()) * scale + 1e-7)
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.integers(2, 8), n=st.integers(1, 200), seed=st.integers(0, 2**16))
+def test_pack_unpack_round_trip(bits, n, seed):
+    codes = torch.randint(0, 2**bits, (n,), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.numel() == math.ceil(n * bits / 8)
+    assert torch.equal(unpack_codes(packed, bits, n), codes)
+
+
+def test_four_bit_packing_order_is_high_nibble_first():
+    packed = pack_codes(torch.tensor([1, 2, 3], dtype=torch.uint8), 4)
+    assert packed.view(-1).tolist() == [0x12, 0x30]
+
+
+def test_more_bits_less_error():
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    errors = []
+    for bits in range(2, 9):
+        packed, state = quantize_blockwise(w, "nf", 64, bits=bits)
+        errors.append(float((dequantize_blockwise(packed, state) - w).pow(2).mean()))
+    assert errors == sorted(errors, reverse=True)
+
+
+# ---------------------------------------------------------------- storage accounting
+def test_bits_per_parameter_from_byte_sizes():
+    w = torch.randn(1024, 1024)  # 2**20 values: 16384 blocks of 64, 64 blocks of 256 constants
+    plain = storage(*quantize_4bit(w, "nf4", 64, double_quant=False))
+    dq = storage(*quantize_4bit(w, "nf4", 64, double_quant=True))
+    assert plain.code_bytes == 2**19 and plain.absmax_bytes == 16384 * 4 and plain.absmax2_bytes == 0
+    assert plain.bits_per_parameter == 4 + 32 / 64 == 4.5
+    assert dq.absmax_bytes == 16384 and dq.absmax2_bytes == 64 * 4
+    assert dq.bits_per_parameter == 4 + 8 / 64 + 32 / (64 * 256)
+    assert round(dq.bits_per_parameter, 3) == 4.127
+    assert plain.bits_per_parameter - dq.bits_per_parameter == pytest.approx(0.373, abs=5e-4)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 8])
+def test_storage_counts_every_bit_width_honestly(bits):
+    w = torch.randn(1000)
+    report = storage(*quantize_blockwise(w, "int", 64, bits=bits))
+    assert report.code_bytes == math.ceil(1000 * bits / 8)
+    assert report.absmax_bytes == 16 * 4  # 16 blocks (the last one partial) of float32
+    assert report.constant_bytes == 2**bits * 4
+
+
+# ---------------------------------------------------------------- errors that teach
+def test_nan_and_inf_are_named_and_counted():
+    w = torch.randn(10, 10)
+    w[0, 0], w[3, 3], w[5, 5] = float("nan"), float("nan"), float("inf")
+    with pytest.raises(ValueError, match=r"layers.0.q_proj.weight .* 2 NaN and 1 Inf values out of 100"):
+        quantize_blockwise(w, name="layers.0.q_proj.weight")
+    with pytest.raises(ValueError, match=r"weight .* 2 NaN"):
+        quantize_4bit(w)
+
+
+@pytest.mark.parametrize("blocksize", [0, 48, -64, 100, 64.0])
+def test_blocksize_must_be_a_power_of_two(blocksize):
+    with pytest.raises(ValueError, match="not a power of two"):
+        quantize_4bit(torch.randn(128), blocksize=blocksize)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.uint8])
+def test_unsupported_dtype(dtype):
+    with pytest.raises(TypeError, match=f"{dtype}.*float32, bfloat16 or float16"):
+        quantize_4bit(torch.ones(64, dtype=dtype))
+
+
+def test_bits_out_of_range_and_unknown_quant_type():
+    with pytest.raises(ValueError, match="out of range"):
+        quantize_blockwise(torch.randn(64), "nf", bits=1)
+    with pytest.raises(ValueError, match="'nf3' says 3 bits but bits=4"):
+        quantize_4bit(torch.randn(64), "nf3")
+    with pytest.raises(ValueError, match="not known"):
+        quantize_4bit(torch.randn(64), "af4")
+
+
+def test_state_must_belong_to_the_packed_tensor():
+    packed_a, state_a = quantize_4bit(torch.randn(64, 64))
+    packed_b, state_b = quantize_4bit(torch.randn(32, 64))
+    message = r"shape \(32, 64\) at 4 bits \(1024 packed bytes\), but the packed tensor has 2048"
+    with pytest.raises(ValueError, match=message):
+        dequantize_4bit(packed_a, state_b)
+    _, state_c = quantize_4bit(torch.randn(64, 64), blocksize=128)
+    with pytest.raises(ValueError, match="absmax has 32 constants .* needs 64"):
+        dequantize_4bit(packed_a, QuantState(state_c.absmax, state_a.shape, torch.float32, 64, state_a.code, "nf4"))
+    with pytest.raises(TypeError, match="uint8"):
+        dequantize_4bit(packed_a.int(), state_a)
+    with pytest.raises(TypeError, match="QuantState"):
+        dequantize_4bit(packed_a, {"absmax": state_a.absmax})
