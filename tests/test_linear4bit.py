@@ -210,3 +210,26 @@ def test_to_dtype_keeps_the_quantization_state_exact():
     assert q.bias.dtype == torch.bfloat16  # the bias is an ordinary parameter and follows .to()
     assert torch.equal(q.dequantize(), before)
     assert q(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("bias_trains", [False, True])
+def test_backward_recomputes_the_weight_instead_of_keeping_it(bias_trains):
+    """Between forward and backward only 4-bit codes stay alive, as in QLoRA; gradients are exact."""
+    linear = nn.Linear(128, 96)
+    q = Linear4bit.from_linear(linear, "nf4", 64, True)
+    q.bias.requires_grad_(bias_trains)
+    x = torch.randn(4, 128, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = q(x)
+    assert not any(t.numel() >= 96 * 128 for t in saved)  # no dequantized (96, 128) weight kept
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    w = q.dequantize()
+    x2 = x.detach().clone().requires_grad_(True)
+    b2 = q.bias.detach().clone().requires_grad_(bias_trains)
+    nn.functional.linear(x2, w, b2).backward(grad_y)
+    assert torch.equal(y, nn.functional.linear(x2, w, b2))
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-6, atol=1e-6)
+    if bias_trains:
+        torch.testing.assert_close(q.bias.grad, b2.grad, rtol=1e-6, atol=1e-6)
