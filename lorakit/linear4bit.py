@@ -17,6 +17,32 @@ from lorakit.codebooks import parse_kind
 from lorakit.double_quant import SecondLevelState
 
 
+class DequantizeMatmul(torch.autograd.Function):
+    """``y = x W^T`` with ``W`` dequantized on the fly, in forward *and again in backward*.
+
+    A plain ``F.linear(x, layer.dequantize())`` would make autograd keep the dequantized
+    ``(out_features, in_features)`` weight alive until backward (it needs ``W`` for
+    ``grad_x = grad_y W``): the full-precision weights would all be back in memory during training.
+    Like bitsandbytes' ``MatMul4Bit``, we save only the layer (its 4-bit buffers) and dequantize
+    once more in backward. The frozen weight gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: "Linear4bit") -> torch.Tensor:
+        ctx.layer = layer
+        return nn.functional.linear(x, layer.dequantize(x.dtype), bias)  # (..., out_features)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = ctx.layer.dequantize(grad_y.dtype)  # (out_features, in_features), recomputed
+            grad_x = grad_y @ w  # (..., out_features) @ (out_features, in_features) -> (..., in_features)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)  # (out_features,)
+        return grad_x, grad_bias, None
+
+
 class Linear4bit(nn.Module):
     """``y = x W^T + b`` with ``W: (out_features, in_features)`` stored as packed k-bit codes.
 
@@ -29,7 +55,9 @@ class Linear4bit(nn.Module):
     def __init__(self, weight_packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None):
         super().__init__()
         if len(state.shape) != 2:
-            raise ValueError(f"Linear4bit needs a 2-D weight (out_features, in_features), got shape {tuple(state.shape)}")
+            raise ValueError(
+                f"Linear4bit needs a 2-D weight (out_features, in_features), got shape {tuple(state.shape)}"
+            )
         self.out_features, self.in_features = state.shape
         self.blocksize, self.quant_type, self.bits = state.blocksize, state.quant_type, state.bits
         self.weight_dtype = state.dtype  # the dtype the weight had before quantization
@@ -68,9 +96,8 @@ class Linear4bit(nn.Module):
         return w if dtype is None else w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize(x.dtype)  # (out_features, in_features) in the compute dtype
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return nn.functional.linear(x, w, bias)  # (..., out_features)
+        return DequantizeMatmul.apply(x, bias, self)  # x W^T + b: (..., out_features)
 
     def _apply(self, fn, recurse=True):
         """``.to(dtype)`` / ``.half()`` must not round the codes' constants: buffers move, never cast.
@@ -90,7 +117,10 @@ class Linear4bit(nn.Module):
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.quant_type}, blocksize={self.blocksize}{dq}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"{self.quant_type}, blocksize={self.blocksize}{dq}"
+        )
 
 
 def _skipped(name: str, skip: tuple[str, ...]) -> bool:

@@ -54,7 +54,8 @@ def test_linear4bit_forward_is_linear_with_the_dequantized_weight(double_quant):
     # each weight is off by at most half the widest NF4 gap times its block's absmax (one row = one block)
     bound_w = widest_gap(q.code) / 2 * linear.weight.detach().abs().amax(dim=1, keepdim=True)  # (48, 1)
     if double_quant:  # the absmax itself is stored in 8 bits; allow its error too
-        bound_w = bound_w + (linear.weight.detach().abs().amax(dim=1, keepdim=True) - w.abs().amax(dim=1, keepdim=True)).abs()
+        true_absmax = linear.weight.detach().abs().amax(dim=1, keepdim=True)
+        bound_w = bound_w + (true_absmax - w.abs().amax(dim=1, keepdim=True)).abs()
     bound_y = x.abs() @ bound_w.expand(48, 64).T  # (3, 5, 48)
     assert torch.all((q(x) - linear(x)).abs() <= bound_y * 1.001)
 
@@ -99,7 +100,9 @@ def test_quantize_model_replaces_linears_but_skips_lm_head():
 
 
 def test_quantize_model_settings_and_skip_patterns():
-    model = quantize_model(Tiny(), quant_type="int", bits=3, blocksize=32, double_quant=False, skip=("lm_head", "*up_proj"))
+    model = quantize_model(
+        Tiny(), quant_type="int", bits=3, blocksize=32, double_quant=False, skip=("lm_head", "*up_proj")
+    )
     down = model.layers[0]["down_proj"]
     assert isinstance(down, Linear4bit) and down.quant_type == "int3" and down.blocksize == 32 and not down.double_quant
     assert isinstance(model.layers[0]["up_proj"], nn.Linear)
@@ -167,7 +170,8 @@ def test_codebook_error_matches_quantize_blockwise():
     from lorakit.explore import codebook_error
 
     w = torch.randn(48, 100, generator=torch.Generator().manual_seed(0))  # 4800 values: a partial last block
-    assert codebook_error(w, codebook("nf", 4), 64) == pytest.approx(quantization_tradeoff(w, "nf", 4, 64).rmse, rel=1e-6)
+    expected = quantization_tradeoff(w, "nf", 4, 64).rmse
+    assert codebook_error(w, codebook("nf", 4), 64) == pytest.approx(expected, rel=1e-6)
     assert codebook_error(w, normal_float(4), 64) < codebook_error(w, normal_float(4, symmetric=True), 64)
     with pytest.raises(ValueError, match="power of two"):
         codebook_error(w, codebook("nf", 4), 60)
@@ -206,3 +210,26 @@ def test_to_dtype_keeps_the_quantization_state_exact():
     assert q.bias.dtype == torch.bfloat16  # the bias is an ordinary parameter and follows .to()
     assert torch.equal(q.dequantize(), before)
     assert q(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("bias_trains", [False, True])
+def test_backward_recomputes_the_weight_instead_of_keeping_it(bias_trains):
+    """Between forward and backward only 4-bit codes stay alive, as in QLoRA; gradients are exact."""
+    linear = nn.Linear(128, 96)
+    q = Linear4bit.from_linear(linear, "nf4", 64, True)
+    q.bias.requires_grad_(bias_trains)
+    x = torch.randn(4, 128, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = q(x)
+    assert not any(t.numel() >= 96 * 128 for t in saved)  # no dequantized (96, 128) weight kept
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    w = q.dequantize()
+    x2 = x.detach().clone().requires_grad_(True)
+    b2 = q.bias.detach().clone().requires_grad_(bias_trains)
+    nn.functional.linear(x2, w, b2).backward(grad_y)
+    assert torch.equal(y, nn.functional.linear(x2, w, b2))
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-6, atol=1e-6)
+    if bias_trains:
+        torch.testing.assert_close(q.bias.grad, b2.grad, rtol=1e-6, atol=1e-6)

@@ -67,7 +67,9 @@ def blocks_follow_rows(shape: torch.Size, blocksize: int) -> bool:
 
 
 def assert_same_as_bnb(w: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool) -> None:
-    ref_packed, ref = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant)
+    ref_packed, ref = bnbF.quantize_4bit(
+        w, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant
+    )
     packed, state = quantize_4bit(w, quant_type, blocksize, double_quant)
     assert packed.dtype == torch.uint8 and packed.shape == ref_packed.shape
     assert torch.equal(packed, ref_packed), f"{(packed != ref_packed).sum()} packed bytes differ"
@@ -309,7 +311,8 @@ def test_bits_out_of_range_and_unknown_quant_type():
 def test_state_must_belong_to_the_packed_tensor():
     packed_a, state_a = quantize_4bit(torch.randn(64, 64))
     packed_b, state_b = quantize_4bit(torch.randn(32, 64))
-    with pytest.raises(ValueError, match=r"shape \(32, 64\) at 4 bits \(1024 packed bytes\), but the packed tensor has 2048"):
+    message = r"shape \(32, 64\) at 4 bits \(1024 packed bytes\), but the packed tensor has 2048"
+    with pytest.raises(ValueError, match=message):
         dequantize_4bit(packed_a, state_b)
     _, state_c = quantize_4bit(torch.randn(64, 64), blocksize=128)
     with pytest.raises(ValueError, match="absmax has 32 constants .* needs 64"):
