@@ -52,8 +52,10 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if isinstance(base_layer, Linear4bit):  # QLoRA: LoRA trains in the dtype W0 had before quantization
             dtype, device = base_layer.weight_dtype, base_layer.weight_packed.device
-        else:
-            dtype, device = base_layer.weight.dtype, base_layer.weight.device
+        else:  # nn.Linear, or another Linear-like layer (a float weight, or a compute_dtype)
+            weight = base_layer.weight
+            dtype = weight.dtype if weight.is_floating_point() else getattr(base_layer, "compute_dtype", torch.float32)
+            device = weight.device
         self.lora_A = nn.Parameter(torch.empty(r, d_in, dtype=dtype, device=device))  # (r, d_in)
         self.lora_B = nn.Parameter(torch.zeros(d_out, r, dtype=dtype, device=device))  # (d_out, r)
         # peft's reset_lora_parameters(init_lora_weights=True), after loralib: A as nn.Linear's
