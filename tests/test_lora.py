@@ -89,6 +89,17 @@ def test_wraps_a_linear_like_layer_but_will_not_merge_it():
     with pytest.raises(NotImplementedError, match="cannot merge LoRA into a FakeQuantLinear base layer"):
         layer.merge()
 
+    class PackedLinear(nn.Linear):  # an nn.Linear subclass holding packed 4-bit codes, as bitsandbytes' Linear4bit
+        def __init__(self):
+            super().__init__(8, 6)
+            self.weight = nn.Parameter(torch.zeros(24, 1, dtype=torch.uint8), requires_grad=False)
+            self.compute_dtype = torch.bfloat16
+
+    packed = LoRALinear(PackedLinear(), r=2)
+    assert packed.lora_A.dtype == torch.bfloat16  # the base layer's compute dtype, not uint8
+    with pytest.raises(NotImplementedError, match="cannot merge LoRA into a PackedLinear base layer; only an nn.Linear with a floating-point"):
+        unload_lora(nn.Sequential(packed))
+
 
 # ---------------------------------------------------------------- against peft, tiny model
 
