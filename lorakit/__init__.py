@@ -1,5 +1,5 @@
 """lorakit: LoRA and QLoRA built from scratch, readable, and checked against peft and bitsandbytes."""
-
+from lorakit.adapter import load_adapter, save_adapter
 from lorakit.assets import AssetError, cache_dir, fetch
 from lorakit.blockwise import (
     QuantState,
@@ -11,10 +11,11 @@ from lorakit.blockwise import (
     storage,
 )
 from lorakit.codebooks import codebook, dynamic_map, fp4, integer, nf_offset, normal_float
-from lorakit.data import load_documents, lm_batches, perplexity, split_documents, tokenize_blocks
+from lorakit.data import lm_batches, load_documents, perplexity, split_documents, tokenize_blocks
 from lorakit.double_quant import dequantize_absmax, quantize_absmax
 from lorakit.explore import Tradeoff, quantization_tradeoff, tradeoff_widget
 from lorakit.linear4bit import Linear4bit, dequantize_model, quantize_model
+from lorakit.lora import LoRALinear, add_lora, lora_layers, merge_lora, unload_lora, unmerge_lora
 from lorakit.models import count_parameters, generate, load_base_model, model_bytes
 from lorakit.runtime import Runtime, setup
 
@@ -23,10 +24,12 @@ __version__ = "0.1.0"
 __all__ = [
     "AssetError",
     "Linear4bit",
+    "LoRALinear",
     "QuantState",
     "Runtime",
     "Storage",
     "Tradeoff",
+    "add_lora",
     "cache_dir",
     "codebook",
     "count_parameters",
@@ -40,8 +43,11 @@ __all__ = [
     "generate",
     "integer",
     "lm_batches",
+    "load_adapter",
     "load_base_model",
     "load_documents",
+    "lora_layers",
+    "merge_lora",
     "model_bytes",
     "nf_offset",
     "normal_float",
@@ -51,9 +57,12 @@ __all__ = [
     "quantize_absmax",
     "quantize_blockwise",
     "quantize_model",
+    "save_adapter",
     "setup",
     "split_documents",
     "storage",
     "tokenize_blocks",
     "tradeoff_widget",
+    "unload_lora",
+    "unmerge_lora",
 ]

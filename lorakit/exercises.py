@@ -1,0 +1,74 @@
+"""Checkers for the exercises of notebook 01: each runs the learner's function on several cases,
+compares it with lorakit's answer, and raises ``AssertionError`` with a hint when it differs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lorakit.lora import LoRALinear
+from lorakit.lowrank import lora_param_count
+
+SHAPES = [(16, 16, 1), (64, 32, 4), (576, 192, 8), (4096, 4096, 16)]  # (d_in, d_out, r)
+
+
+def check_lora_param_count(fn: Callable[[int, int, int], int]) -> str:
+    """Exercise: ``fn(d_in, d_out, r)`` returns the trainable parameters LoRA adds to one weight."""
+    for d_in, d_out, r in SHAPES:
+        got, want = fn(d_in, d_out, r), lora_param_count(d_in, d_out, r)
+        if got == d_in * d_out:
+            raise AssertionError(f"for d_in={d_in}, d_out={d_out}, r={r} you counted the full weight W0 (d_out * d_in); count A and B instead")
+        if got != want:
+            raise AssertionError(f"for d_in={d_in}, d_out={d_out}, r={r} you returned {got!r}; hint: A is (r, d_in) and B is (d_out, r)")
+    return "correct: A and B together hold r * (d_in + d_out) parameters"
+
+
+def _layer_case(d_in: int, d_out: int, r: int, alpha: float, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    layer = LoRALinear(nn.Linear(d_in, d_out, bias=False), r=r, alpha=alpha)
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(torch.randn(d_out, d_in, generator=g))
+        layer.lora_A.copy_(torch.randn(r, d_in, generator=g))
+        layer.lora_B.copy_(torch.randn(d_out, r, generator=g))  # nonzero B, so the update shows
+    x = torch.randn(3, d_in, generator=g)  # (N, d_in)
+    return layer, x
+
+
+def check_lora_forward(fn: Callable[..., torch.Tensor]) -> str:
+    """Exercise: ``fn(x, W0, A, B, alpha, r)`` returns ``h = W0 x + (alpha / r) B A x`` for ``x: (N, d_in)``."""
+    for i, (d_in, d_out, r) in enumerate(SHAPES[:3]):
+        alpha = 2.0 * r + 1  # alpha != r, so a missing or wrong scaling shows
+        layer, x = _layer_case(d_in, d_out, r, alpha, seed=i)
+        W0, A, B = layer.base_layer.weight.detach(), layer.lora_A.detach(), layer.lora_B.detach()
+        with torch.no_grad():
+            want = layer(x)  # (N, d_out)
+            got = fn(x, W0, A, B, alpha, r)
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise AssertionError(f"for x: {tuple(x.shape)} expected h: {tuple(want.shape)}, got {shape}; hint: x @ W0.T is (N, d_out)")
+        if torch.allclose(got, x @ W0.T, atol=1e-4):
+            raise AssertionError("your h equals the base output W0 x; add the LoRA path (alpha / r) * B A x")
+        if torch.allclose(got, x @ W0.T + x @ A.T @ B.T, atol=1e-4):
+            raise AssertionError("the LoRA path is missing its scaling; multiply B A x by alpha / r")
+        if not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
+            raise AssertionError(f"h differs from LoRALinear's by up to {(got - want).abs().max():.3g}; hint: x @ A.T is (N, r)")
+    return "correct: h = W0 x + (alpha / r) B A x, as LoRALinear computes it"
+
+
+def check_merged_weight(fn: Callable[..., torch.Tensor]) -> str:
+    """Exercise: ``fn(W0, A, B, alpha, r)`` returns the merged weight ``W0 + (alpha / r) B A``: ``(d_out, d_in)``."""
+    for i, (d_in, d_out, r) in enumerate(SHAPES[:3]):
+        alpha = 2.0 * r + 1
+        layer, x = _layer_case(d_in, d_out, r, alpha, seed=10 + i)
+        W0, A, B = (t.detach().clone() for t in (layer.base_layer.weight, layer.lora_A, layer.lora_B))
+        got = fn(W0.clone(), A, B, alpha, r)
+        layer.merge()
+        want = layer.base_layer.weight.detach()  # (d_out, d_in)
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise AssertionError(f"the merged weight must be (d_out, d_in) = {tuple(want.shape)}, got {shape}; hint: B @ A")
+        if not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
+            raise AssertionError(f"your merged weight differs from W0 + (alpha / r) B A by up to {(got - want).abs().max():.3g}")
+    return "correct: one (d_out, d_in) matrix, so the merged layer costs exactly what the base layer costs"

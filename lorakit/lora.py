@@ -1,0 +1,233 @@
+"""LoRA: a frozen weight plus a trainable low-rank update (Hu et al. 2021, "LoRA", §4.1).
+
+For a frozen linear layer ``h = W0 x`` with ``W0: (d_out, d_in)``, LoRA learns
+
+    h = W0 x + (alpha / r) * B A x,        A: (r, d_in),  B: (d_out, r),  r << min(d_in, d_out)
+
+``A`` starts random and ``B`` starts at zero, so training begins exactly at the base model.
+``merge_lora`` folds ``(alpha / r) * B A`` into ``W0`` ("no additional inference latency", §4.1).
+
+The layer follows peft's ``tuners/lora/layer.py`` (``Linear.forward``, ``get_delta_weight``,
+``reset_lora_parameters``) so that the same weights give the same numbers, and adapters are saved in
+peft's on-disk format (``adapter_config.json`` + ``adapter_model.safetensors``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear-like ``base_layer`` plus the update ``(alpha / r) * B A`` (LoRA §4.1).
+
+    ``base_layer`` is any module with ``in_features``, ``out_features`` and a ``forward``; the
+    LoRA path is computed beside it, never inside it, so a quantized base layer can be wrapped
+    too. Only an ``nn.Linear`` base can be merged.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        name: str = "",
+    ):
+        super().__init__()
+        d_in, d_out = base_layer.in_features, base_layer.out_features
+        where = f"LoRA on {name!r}" if name else f"LoRA on a {type(base_layer).__name__}({d_in} -> {d_out})"
+        _check_hyperparameters(where, r, alpha, dropout, d_in, d_out)
+        self.base_layer = base_layer
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        # rsLoRA (Kalajdzievski 2023) scales by alpha / sqrt(r) so larger ranks keep learning.
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        weight = base_layer.weight
+        dtype = weight.dtype if weight.is_floating_point() else getattr(base_layer, "compute_dtype", torch.float32)
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, dtype=dtype, device=weight.device))  # (r, d_in)
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r, dtype=dtype, device=weight.device))  # (d_out, r)
+        # peft's reset_lora_parameters(init_lora_weights=True), after loralib: A as nn.Linear's
+        # default init, B = 0, so B A = 0 and the wrapped layer starts equal to the base layer.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., d_in)
+        h = self.base_layer(x)  # W0 x: (..., d_out)
+        if self.merged:  # W0 already holds W0 + scaling * B A
+            return h
+        x = self.dropout(x.to(self.lora_A.dtype))
+        ax = F.linear(x, self.lora_A)  # x @ A.T: (..., r)
+        bax = F.linear(ax, self.lora_B)  # ax @ B.T: (..., d_out)
+        return h + (bax * self.scaling).to(h.dtype)  # same order of operations as peft's Linear.forward
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update ``dW = (alpha / r) * B A``: ``(d_out, r) @ (r, d_in) -> (d_out, d_in)``."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def merge(self) -> None:
+        """``W0 <- W0 + dW`` (peft's ``Linear.merge``); forward then skips the LoRA path."""
+        self._check_mergeable("merge")
+        if self.merged:
+            raise RuntimeError(f"{self._where()} is already merged; call unmerge_lora(model) before merging again")
+        with torch.no_grad():
+            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """``W0 <- W0 - dW``: restores ``W0`` up to floating-point rounding."""
+        self._check_mergeable("unmerge")
+        if not self.merged:
+            raise RuntimeError(f"{self._where()} is not merged; there is nothing to unmerge")
+        with torch.no_grad():
+            self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+        self.merged = False
+
+    def _check_mergeable(self, what: str) -> None:
+        base = self.base_layer
+        if not isinstance(base, nn.Linear) or not base.weight.is_floating_point():  # e.g. a 4-bit weight
+            raise NotImplementedError(
+                f"cannot {what} LoRA into a {type(self.base_layer).__name__} base layer; only an nn.Linear "
+                "with a floating-point weight can be merged (dequantize the base layer first)"
+            )
+
+    def _where(self) -> str:
+        return f"LoRA layer on {type(self.base_layer).__name__}({self.in_features} -> {self.out_features})"
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, rslora={self.rslora}, merged={self.merged}"
+
+
+# Base layer types add_lora can wrap; a later module (4-bit Linear) adds its class here.
+LORA_BASE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,)
+
+
+def _check_hyperparameters(where: str, r, alpha, dropout, d_in: int, d_out: int) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"{where}: rank r={r!r} is invalid; r must be an integer of at least 1")
+    if r > min(d_in, d_out):
+        raise ValueError(
+            f"{where}: rank r={r} exceeds min(d_in, d_out) = min({d_in}, {d_out}) = {min(d_in, d_out)}; "
+            f"a rank above that is not low rank. Use 1 <= r <= {min(d_in, d_out)}"
+        )
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0 or not math.isfinite(alpha):
+        raise ValueError(f"{where}: alpha={alpha!r} is invalid; alpha must be a finite number greater than 0")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{where}: dropout={dropout!r} is invalid; use 0 <= dropout < 1")
+
+
+def _matches(name: str, targets: Sequence[str]) -> bool:
+    """peft's ``target_modules`` rule for a list: the dotted name equals a target or ends with ``.target``."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The model's LoRA layers by dotted module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _describe_linears(model: nn.Module) -> str:
+    names = [n for n, m in model.named_modules() if isinstance(m, LORA_BASE_TYPES) and n]
+    if not names:
+        return "the model has no Linear modules"
+    if len(names) <= 12:
+        return "the Linear modules are: " + ", ".join(names)
+    short = sorted({n.rsplit(".", 1)[-1] for n in names})
+    return f"the model has {len(names)} Linear modules, named ...{', ...'.join(short)} (e.g. {names[0]!r})"
+
+
+def add_lora(
+    model: nn.Module,
+    targets: str | Sequence[str],
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    rslora: bool = False,
+) -> nn.Module:
+    """Wrap every Linear whose dotted name ends with a target in a ``LoRALinear``; freeze the rest.
+
+    ``targets`` follows peft's ``target_modules`` list rule (``"q_proj"`` matches
+    ``model.layers.0.self_attn.q_proj``). The model is changed in place and returned; only the
+    ``lora_A``/``lora_B`` parameters are left trainable (peft's ``bias="none"``).
+    """
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"targets={targets!r} is invalid; give module name suffixes such as ['q_proj', 'v_proj']")
+    if lora_layers(model):
+        raise ValueError("the model already has LoRA layers; call unload_lora(model) before adding new ones")
+    chosen = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
+    wrong_type = [(n, m) for n, m in chosen if not isinstance(m, LORA_BASE_TYPES)]
+    chosen = [(n, m) for n, m in chosen if isinstance(m, LORA_BASE_TYPES)]
+    unmatched = [t for t in targets if not any(_matches(n, [t]) for n, _ in chosen)]
+    if unmatched:
+        others = ", ".join(f"{n} ({type(m).__name__})" for n, m in wrong_type[:3])
+        hint = f" (matched non-Linear modules: {others})" if wrong_type else ""
+        raise ValueError(
+            f"targets {unmatched} match no Linear module of {type(model).__name__}{hint}; {_describe_linears(model)}"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, base in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(base, r=r, alpha=alpha, dropout=dropout, rslora=rslora, name=name))
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update into its base weight (``W0 <- W0 + (alpha / r) B A``); returns the model."""
+    layers = _require_lora(model, "merge_lora")
+    merged = [n for n, m in layers.items() if m.merged]
+    if merged:
+        raise RuntimeError(
+            f"merge_lora: {len(merged)} LoRA layers are already merged (e.g. {merged[0]!r}); "
+            "call unmerge_lora(model) first"
+        )
+    for layer in layers.values():
+        layer.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo ``merge_lora``: ``W0 <- W0 - (alpha / r) B A``; returns the model."""
+    layers = _require_lora(model, "unmerge_lora")
+    unmerged = [n for n, m in layers.items() if not m.merged]
+    if unmerged:
+        raise RuntimeError(
+            f"unmerge_lora: {len(unmerged)} LoRA layers are not merged (e.g. {unmerged[0]!r}); "
+            "call merge_lora(model) first"
+        )
+    for layer in layers.values():
+        layer.unmerge()
+    return model
+
+
+def unload_lora(model: nn.Module) -> nn.Module:
+    """Merge (where not merged yet) and put the plain base layers back (peft's ``merge_and_unload``)."""
+    layers = _require_lora(model, "unload_lora")
+    for name, layer in layers.items():
+        if not layer.merged:
+            layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.base_layer)
+    return model
+
+
+def _require_lora(model: nn.Module, what: str) -> dict[str, LoRALinear]:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"{what}: {type(model).__name__} has no LoRA layers; call add_lora(model, targets) first")
+    return layers

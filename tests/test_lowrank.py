@@ -1,0 +1,162 @@
+"""Low-rank helpers, the GPT-3 arithmetic, the exercise checkers and the tiny training step."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiny_models import tiny_llama
+from torch import nn
+
+from lorakit import add_lora, count_parameters
+from lorakit.exercises import check_lora_forward, check_lora_param_count, check_merged_weight
+from lorakit.lowrank import (
+    Gpt3LoRA,
+    full_finetune_delta,
+    lora_param_count,
+    low_rank_approx,
+    order_of_magnitude,
+    rank_r_error,
+    rank_report,
+    singular_values,
+)
+from lorakit.steps import eval_loss, median_time, train_step, train_steps
+
+
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(2, 20), n=st.integers(2, 20), rank=st.integers(1, 6), seed=st.integers(0, 999))
+def test_rank_r_error_is_the_error_of_the_best_rank_r_approximation(m, n, rank, seed):
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(m, n, generator=g, dtype=torch.float64)
+    s = singular_values(M)
+    assert torch.allclose(s, torch.linalg.svdvals(M)) and torch.all(s[:-1] >= s[1:])
+    for r in range(1, min(m, n) + 1):
+        explicit = torch.linalg.matrix_norm(M - low_rank_approx(M, r)) / torch.linalg.matrix_norm(M)
+        assert math.isclose(rank_r_error(s, r), explicit.item(), rel_tol=1e-6, abs_tol=1e-9)
+        assert torch.linalg.matrix_rank(low_rank_approx(M, r)) == r
+    # a matrix of rank `rank` is reproduced exactly from that rank on
+    k = min(rank, m, n)
+    L = torch.randn(m, k, generator=g, dtype=torch.float64) @ torch.randn(k, n, generator=g, dtype=torch.float64)
+    assert rank_r_error(singular_values(L), k) < 1e-6
+
+
+def test_rank_report_numbers():
+    s = torch.tensor([3.0, 4.0, 0.0])  # ||M||^2 = 25
+    report = rank_report(s, d_in=3, d_out=5, r=1)
+    assert (report.r, report.lora_params, report.full_params) == (1, 8, 15)
+    assert math.isclose(report.rel_error, 4 / 5)
+    assert str(report) == "r = 1: 8 trainable parameters (53.33% of 15); rank-1 error of dW: 80.0%"
+    with pytest.raises(ValueError, match=r"2 singular values do not belong to a \(5, 3\) matrix; expected 3"):
+        rank_report(s[:2], d_in=3, d_out=5, r=1)
+    with pytest.raises(ValueError, match=r"rank r=0 is invalid for a \(3, 3\) matrix; use 1 <= r <= 3"):
+        rank_r_error(s, 0)
+    with pytest.raises(ValueError, match="the matrix is zero"):
+        rank_r_error(torch.zeros(3), 1)
+    with pytest.raises(ValueError, match=r"expected a 2-D matrix, got shape \(3,\)"):
+        singular_values(s)
+
+
+def test_lora_param_count_equals_add_lora():
+    model = add_lora(nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 10)), ["0", "2"], r=3)
+    assert count_parameters(model).trainable == lora_param_count(40, 24, 3) + lora_param_count(24, 10, 3)
+
+
+def test_gpt3_arithmetic_matches_the_papers_figures():
+    gpt3 = Gpt3LoRA()
+    assert abs(gpt3.total_params - 175e9) / 175e9 < 0.01  # "175B" from the architecture
+    assert gpt3.lora_params == 96 * 2 * 4 * (12288 + 12288) == 18_874_368
+    assert order_of_magnitude(gpt3.reduction) == 4  # "10,000 times" (LoRA abstract)
+    assert Gpt3LoRA(r=1).lora_params == 4_718_592  # Table 4: "LoRA 4.7M" on W_q, W_v
+    full, lora = gpt3.training_bytes(lora=False), gpt3.training_bytes(lora=True)
+    assert abs(lora - 350e9) / 350e9 < 0.01  # §4.2: "350GB", the frozen fp16 weights
+    assert 3 <= full / lora <= 4.5  # "3 times" measured (1.2TB -> 350GB); 4x by this byte count
+
+
+def test_full_finetune_delta_trains_one_weight_and_restores_the_model():
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    batch = {"input_ids": torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))}
+    batch["labels"] = batch["input_ids"]
+    dW, losses = full_finetune_delta(model, "model.layers.0.self_attn.q_proj", [batch], steps=3, lr=1e-2)
+    assert dW.shape == (32, 32) and dW.abs().max() > 0
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn' is a LlamaAttention, not an nn.Linear"):
+        full_finetune_delta(model, "model.layers.0.self_attn", [batch], steps=1)
+
+
+# ---------------------------------------------------------------- exercise checkers
+
+
+def test_param_count_checker():
+    assert check_lora_param_count(lambda d_in, d_out, r: r * (d_in + d_out)).startswith("correct")
+    with pytest.raises(AssertionError, match="you counted the full weight W0"):
+        check_lora_param_count(lambda d_in, d_out, r: d_in * d_out)
+    with pytest.raises(AssertionError, match=r"you returned 16; hint: A is \(r, d_in\)"):
+        check_lora_param_count(lambda d_in, d_out, r: r * d_in)
+
+
+def test_forward_checker():
+    right = lambda x, W0, A, B, alpha, r: x @ W0.T + (alpha / r) * (x @ A.T @ B.T)  # noqa: E731
+    assert check_lora_forward(right).startswith("correct")
+    with pytest.raises(AssertionError, match="missing its scaling"):
+        check_lora_forward(lambda x, W0, A, B, alpha, r: x @ W0.T + x @ A.T @ B.T)
+    with pytest.raises(AssertionError, match="equals the base output"):
+        check_lora_forward(lambda x, W0, A, B, alpha, r: x @ W0.T)
+    with pytest.raises(AssertionError, match=r"differs from LoRALinear's"):
+        check_lora_forward(lambda x, W0, A, B, alpha, r: x @ W0.T + alpha * (x @ A.T @ B.T))
+    with pytest.raises(AssertionError, match=r"expected h: \(3, 16\), got \(16, 3\)"):
+        check_lora_forward(lambda x, W0, A, B, alpha, r: (x @ W0.T + (alpha / r) * (x @ A.T @ B.T)).T)
+
+
+def test_merge_checker():
+    assert check_merged_weight(lambda W0, A, B, alpha, r: W0 + (alpha / r) * B @ A).startswith("correct")
+    with pytest.raises(AssertionError, match=r"must be \(d_out, d_in\) = \(16, 16\), got \(16, 16, 1\)"):
+        check_merged_weight(lambda W0, A, B, alpha, r: (W0 + (alpha / r) * B @ A)[..., None])
+    with pytest.raises(AssertionError, match="differs from W0 \\+ \\(alpha / r\\) B A"):
+        check_merged_weight(lambda W0, A, B, alpha, r: W0 + B @ A)
+
+
+# ---------------------------------------------------------------- the training step
+
+
+def test_train_step_is_one_sgd_step():
+    model = tiny_llama()
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    loss = train_step(model, batch, torch.optim.SGD(model.parameters(), lr=0.1))
+    ref_loss = reference(**batch).loss
+    ref_loss.backward()
+    assert loss == ref_loss.item()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q.detach().add(q.grad, alpha=-0.1)), name  # SGD: p <- p - lr * grad
+        assert p.grad is None  # gradients cleared for the next step
+
+
+def test_train_steps_cycles_batches_and_lowers_the_loss():
+    model = add_lora(tiny_llama(), ["q_proj", "v_proj"], r=4)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    val = eval_loss(model, ids)
+    losses = train_steps(model, [batch], torch.optim.AdamW(model.parameters(), lr=1e-2), steps=5)
+    assert len(losses) == 5 and losses[-1] < losses[0]
+    assert not model.training
+    assert eval_loss(model, ids) < val
+    with pytest.raises(ValueError, match="steps must be at least 1, got 0"):
+        train_steps(model, [batch], torch.optim.SGD(model.parameters(), lr=0.1), steps=0)
+    with pytest.raises(ValueError, match="batches is empty"):
+        train_steps(model, [], torch.optim.SGD(model.parameters(), lr=0.1), steps=1)
+
+
+def test_median_time_calls_warmup_plus_repeats():
+    calls = []
+    t = median_time(lambda: calls.append(1), repeats=5, warmup=2)
+    assert len(calls) == 7 and t >= 0
+    with pytest.raises(ValueError, match="need repeats >= 1"):
+        median_time(lambda: None, repeats=0)
