@@ -2,20 +2,20 @@
 from lorakit.adapter import load_adapter, save_adapter
 from lorakit.assets import AssetError, cache_dir, fetch
 from lorakit.blockwise import (
+    QuantState,
+    Storage,
     dequantize_4bit,
     dequantize_blockwise,
     quantize_4bit,
     quantize_blockwise,
-    QuantState,
-    Storage,
     storage,
 )
 from lorakit.codebooks import codebook, dynamic_map, fp4, integer, nf_offset, normal_float
 from lorakit.data import lm_batches, load_documents, perplexity, split_documents, tokenize_blocks
 from lorakit.double_quant import dequantize_absmax, quantize_absmax
-from lorakit.explore import quantization_tradeoff, Tradeoff, tradeoff_widget
-from lorakit.linear4bit import dequantize_model, Linear4bit, quantize_model
-from lorakit.lora import add_lora, lora_layers, LoRALinear, merge_lora, unload_lora, unmerge_lora
+from lorakit.explore import Tradeoff, quantization_tradeoff, tradeoff_widget
+from lorakit.linear4bit import Linear4bit, dequantize_model, quantize_model
+from lorakit.lora import LoRALinear, add_lora, lora_layers, merge_lora, unload_lora, unmerge_lora
 from lorakit.models import count_parameters, generate, load_base_model, model_bytes
 from lorakit.runtime import Runtime, setup
 

@@ -77,7 +77,7 @@ class LoRALinear(nn.Module):
             return h
         x = self.dropout(x.to(self.lora_A.dtype))
         ax = F.linear(x, self.lora_A)  # x @ A.T: (..., r)
-        bax = F.linear(ax, self.lora_B)  # (A x) @ B.T: (..., d_out)
+        bax = F.linear(ax, self.lora_B)  # ax @ B.T: (..., d_out)
         return h + (bax * self.scaling).to(h.dtype)  # same order of operations as peft's Linear.forward
 
     def delta_weight(self) -> torch.Tensor:
@@ -103,10 +103,11 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def _check_mergeable(self, what: str) -> None:
-        if type(self.base_layer) is not nn.Linear:
+        base = self.base_layer
+        if not isinstance(base, nn.Linear) or not base.weight.is_floating_point():  # e.g. a 4-bit weight
             raise NotImplementedError(
-                f"cannot {what} LoRA into a {type(self.base_layer).__name__} base layer; only nn.Linear "
-                "base layers can be merged (dequantize the base layer first)"
+                f"cannot {what} LoRA into a {type(self.base_layer).__name__} base layer; only an nn.Linear "
+                "with a floating-point weight can be merged (dequantize the base layer first)"
             )
 
     def _where(self) -> str:
