@@ -14,6 +14,7 @@ from lorakit.codebooks import codebook, dynamic_map, fp4, integer, nf_offset, no
 from lorakit.data import lm_batches, load_documents, perplexity, split_documents, tokenize_blocks
 from lorakit.double_quant import dequantize_absmax, quantize_absmax
 from lorakit.explore import Tradeoff, quantization_tradeoff, tradeoff_widget
+from lorakit.finetune import FinetuneConfig, finetune
 from lorakit.linear4bit import Linear4bit, dequantize_model, quantize_model
 from lorakit.lora import LoRALinear, add_lora, lora_layers, merge_lora, unload_lora, unmerge_lora
 from lorakit.models import count_parameters, generate, load_base_model, model_bytes
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AssetError",
+    "FinetuneConfig",
     "Linear4bit",
     "LoRALinear",
     "QuantState",
@@ -39,6 +41,7 @@ __all__ = [
     "dequantize_model",
     "dynamic_map",
     "fetch",
+    "finetune",
     "fp4",
     "generate",
     "integer",
