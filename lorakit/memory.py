@@ -25,7 +25,7 @@ import os
 import re
 import resource
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -193,6 +193,19 @@ def memory_ledger(
         peak_cuda=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         loss=float(loss.detach()),
     )
+
+
+def resident_peak(ledger: MemoryLedger, optimizer=None) -> int:
+    """Fast-tier bytes at the step's peak: weights + gradients + saved activations + the optimizer
+    state that is resident then: all of it for a plain optimizer, the peak resident pages for a
+    ``PagedOptimizer`` (its ``peak_resident_bytes``; the rest waits on the slow tier)."""
+    if optimizer is None:
+        state = 0
+    elif hasattr(optimizer, "peak_resident_bytes"):
+        state = optimizer.peak_resident_bytes
+    else:
+        state = ledger.optimizer_state
+    return ledger.weight_bytes + ledger.gradients + ledger.activations + state
 
 
 # ----------------------------------------------------------------------------------------------

@@ -281,6 +281,8 @@ class PagedOptimizer:
         if not segs or segs[0].scalars is None:
             return {}
         layout = self._layouts[segs[0].group]
+        if self.device.type == "cuda":  # write-backs to pinned memory are asynchronous
+            torch.cuda.synchronize(self.device)
         out = {k: v.clone() if torch.is_tensor(v) else v for k, v in segs[0].scalars.items()}
         for k, name in enumerate(layout.names):
             parts = []

@@ -211,9 +211,9 @@ def test_qlora_figure6_footprints(size):
     """QLoRA Figure 6: 5,046 / 8,476 / 19,302 / 37,074 MB, within 5% (see QLORA_PAPER_FIGURE6_MB)."""
     est = estimate_memory(size, "qlora", **QLORA_PAPER_SETTING)
     assert within(est.total / MB, QLORA_PAPER_FIGURE6_MB[size], 0.05)
-    # the 4-bit base weights alone are less: a 4-bit 7B is not "3.5 GB"; it is not 5 GB either
-    base = sum(v for k, v in est.weights.items() if k != "LoRA adapters")
-    assert 3.5e9 < estimate_memory("7B", "qlora").weight_bytes and base < est.total
+    # The figure is a footprint, not the 4-bit base weights alone: those fall short of it by 7-23%.
+    base = est.weight_bytes - est.weights["LoRA adapters"]
+    assert base / MB < 0.95 * QLORA_PAPER_FIGURE6_MB[size]
 
 
 def test_65b_qlora_fits_in_48gb_and_16bit_full_finetuning_needs_more_than_780gb():

@@ -178,3 +178,18 @@ def test_matches_bitsandbytes_paged_adamw_on_gpu():
         assert torch.equal(a, b)
         torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5)
     opt.close()
+
+
+def test_resident_peak_counts_only_resident_pages(tmp_path):
+    from lorakit.memory import memory_ledger, resident_peak
+
+    model, ref = make_model(), make_model()
+    opt = PagedOptimizer(torch.optim.AdamW(model.parameters()), budget_bytes=2 * PAGE, page_bytes=PAGE,
+                         page_dir=str(tmp_path))
+    ref_opt = torch.optim.AdamW(ref.parameters())
+    batch, loss = {"x": torch.randn(4, 48)}, (lambda m, b: m(b["x"]).sum())
+    paged, plain = memory_ledger(model, batch, opt, loss_fn=loss), memory_ledger(ref, batch, ref_opt, loss_fn=loss)
+    base = plain.weight_bytes + plain.gradients + plain.activations
+    assert resident_peak(plain, ref_opt) == base + plain.optimizer_state
+    assert resident_peak(paged, opt) == base + 2 * PAGE < resident_peak(plain, ref_opt)
+    opt.close()
