@@ -1,4 +1,5 @@
 """lorakit: LoRA and QLoRA built from scratch, readable, and checked against peft and bitsandbytes."""
+from lorakit.adam8bit import AdamW8bit, create_dynamic_map
 from lorakit.adapter import load_adapter, save_adapter
 from lorakit.assets import AssetError, cache_dir, fetch
 from lorakit.blockwise import (
@@ -17,29 +18,49 @@ from lorakit.explore import Tradeoff, quantization_tradeoff, tradeoff_widget
 from lorakit.finetune import FinetuneConfig, finetune
 from lorakit.linear4bit import Linear4bit, dequantize_model, quantize_model
 from lorakit.lora import LoRALinear, add_lora, lora_layers, merge_lora, unload_lora, unmerge_lora
+from lorakit.memory import (
+    MemoryCalculator,
+    MemoryEstimate,
+    MemoryLedger,
+    ModelShape,
+    check_fit,
+    estimate_memory,
+    memory_ledger,
+    quantized_bits_per_param,
+)
 from lorakit.models import count_parameters, generate, load_base_model, model_bytes
+from lorakit.paged import PagedOptimizer
 from lorakit.runtime import Runtime, setup
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdamW8bit",
     "AssetError",
     "FinetuneConfig",
     "Linear4bit",
     "LoRALinear",
+    "MemoryCalculator",
+    "MemoryEstimate",
+    "MemoryLedger",
+    "ModelShape",
+    "PagedOptimizer",
     "QuantState",
     "Runtime",
     "Storage",
     "Tradeoff",
     "add_lora",
     "cache_dir",
+    "check_fit",
     "codebook",
     "count_parameters",
+    "create_dynamic_map",
     "dequantize_4bit",
     "dequantize_absmax",
     "dequantize_blockwise",
     "dequantize_model",
     "dynamic_map",
+    "estimate_memory",
     "fetch",
     "finetune",
     "fp4",
@@ -50,6 +71,7 @@ __all__ = [
     "load_base_model",
     "load_documents",
     "lora_layers",
+    "memory_ledger",
     "merge_lora",
     "model_bytes",
     "nf_offset",
@@ -60,6 +82,7 @@ __all__ = [
     "quantize_absmax",
     "quantize_blockwise",
     "quantize_model",
+    "quantized_bits_per_param",
     "save_adapter",
     "setup",
     "split_documents",

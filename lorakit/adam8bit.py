@@ -1,0 +1,160 @@
+"""8-bit optimizer state: Adam's moments stored as blockwise dynamic-quantized bytes.
+
+Dettmers et al., "8-bit Optimizers via Block-wise Quantization" (2022), used by QLoRA's training
+recipes: ``m`` and ``v`` are kept as one byte per element plus one fp32 ``absmax`` per block of
+256 elements, so the state costs about 2 bytes per parameter instead of 8. Each step
+dequantizes the block, does the ordinary fp32 AdamW update, and quantizes again.
+
+The code book is the *dynamic* data type (Dettmers 2016, "8-Bit Approximations for Parallelism"):
+a sign bit, a run of zero bits whose length is the decimal exponent, an indicator bit, and the
+remaining bits as a linear fraction. Values near zero get many codes, large ones few, which
+suits moments spanning several orders of magnitude. ``create_dynamic_map`` mirrors
+``bitsandbytes.functional.create_dynamic_map`` (checked equal in ``tests/test_adam8bit.py``) and
+the update mirrors bitsandbytes' CPU ``optimizer_update_8bit_blockwise`` (``backends/cpu/ops.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+BLOCKSIZE = 256  # bitsandbytes' blockwise optimizers: one absmax per 256 elements
+MIN_8BIT_SIZE = 4096  # smaller tensors keep fp32 state (bitsandbytes' ``min_8bit_size``)
+
+
+def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """The 2**total_bits values of the dynamic data type, sorted, in [-1, 1] (signed) or [0, 1].
+
+    For exponent ``e = 0 .. max_exponent_bits-1`` the code book holds a linear grid of fractions
+    scaled by ``10 ** (e - (max_exponent_bits - 1))``: the smaller the exponent, the fewer
+    fraction bits are left (``2**e`` grid points signed, ``2**(e+1)`` unsigned, for 8 bits and
+    7 exponent bits). Each grid point is the midpoint of ``linspace(0.1, 1, n + 1)``. Then 0 and 1
+    are added, and unused slots are padded with 0.
+    """
+    values: list[float] = []
+    non_sign_bits = total_bits - 1
+    extra = 2 ** (non_sign_bits - max_exponent_bits) - 1  # codes when all exponent bits are zero
+    for e in range(max_exponent_bits):
+        n = 2 ** (e + non_sign_bits - max_exponent_bits) + 1 if signed else 2 ** (e + non_sign_bits - max_exponent_bits + 1) + 1
+        edges = torch.linspace(0.1, 1, n, dtype=torch.float32)
+        fractions = (edges[:-1] + edges[1:]) / 2.0  # the midpoints of the grid
+        scale = 10 ** (-(max_exponent_bits - 1) + e)
+        values += (scale * fractions).tolist()
+        if signed:
+            values += (-scale * fractions).tolist()
+    if extra > 0:
+        edges = torch.linspace(0.1, 1, extra + 1, dtype=torch.float32)
+        fractions = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)
+        values += (scale * fractions).tolist()
+        if signed:
+            values += (-scale * fractions).tolist()
+    values += [0.0, 1.0]
+    if len(values) != 2**total_bits:
+        raise ValueError(f"dynamic map: {len(values)} values for {total_bits} bits "
+                         f"(max_exponent_bits={max_exponent_bits}, signed={signed})")
+    values += [0.0] * (256 - len(values))
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = BLOCKSIZE):
+    """``x`` -> (uint8 codes shaped like ``x``, fp32 absmax per block of ``blocksize`` elements).
+
+    Each block is scaled into [-1, 1] by its absolute maximum, and each value takes the index
+    of the nearest code (``bucketize`` against the midpoints between neighbouring codes).
+    """
+    flat = x.reshape(-1).float()  # (n,)
+    n = flat.numel()
+    full = n - n % blocksize
+    blocks = flat[:full].view(-1, blocksize)  # (n // bs, bs)
+    absmax = blocks.abs().amax(dim=1)  # (n // bs,)
+    # Scale as bitsandbytes' pure-PyTorch kernel does (backends/default/ops.py), so codes match
+    # bit for bit: full blocks times the reciprocal of absmax, the last partial block divided.
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1).reshape(-1)  # (full,)
+    if full < n:
+        tail_max = flat[full:].abs().amax().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_max[None]])
+        scaled = torch.cat([scaled, (flat[full:] / tail_max).clamp(-1, 1)])  # (n,)
+    midpoints = (code[:-1] + code[1:]) / 2  # (255,)
+    q = torch.bucketize(scaled, midpoints).to(torch.uint8)
+    return q.view_as(x), absmax
+
+
+def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                         blocksize: int = BLOCKSIZE) -> torch.Tensor:
+    """Codes back to fp32: ``code[q] * absmax`` of each element's block."""
+    flat = code[q.reshape(-1).long()]  # (n,)
+    n = flat.numel()
+    scale = absmax.repeat_interleave(blocksize)[:n]  # (n,)
+    return (flat * scale).view(q.shape)
+
+
+class AdamW8bit(torch.optim.Optimizer):
+    """AdamW whose moments live as 8-bit blockwise-quantized codes (the ``state1``/``state2`` of
+    bitsandbytes' ``AdamW8bit``): m with the signed dynamic map, v (never negative) with the
+    unsigned one. Tensors with fewer than ``min_8bit_size`` elements keep fp32 moments.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, min_8bit_size: int = MIN_8BIT_SIZE, blocksize: int = BLOCKSIZE):
+        if not lr >= 0:
+            raise ValueError(f"AdamW8bit: lr must be >= 0, got {lr}")
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"AdamW8bit: betas must be in [0, 1), got {betas}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.min_8bit_size = min_8bit_size
+        self.blocksize = blocksize
+        self.code_m = create_dynamic_map(signed=True)
+        self.code_v = create_dynamic_map(signed=False)
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        if p.numel() < self.min_8bit_size:
+            return {"step": 0, "m": torch.zeros_like(p, dtype=torch.float32), "v": torch.zeros_like(p, dtype=torch.float32)}
+        blocks = math.ceil(p.numel() / self.blocksize)
+        return {"step": 0,
+                "m": torch.zeros_like(p, dtype=torch.uint8), "absmax_m": torch.zeros(blocks, device=p.device),
+                "v": torch.zeros_like(p, dtype=torch.uint8), "absmax_v": torch.zeros(blocks, device=p.device)}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(self._init_state(p))
+                state["step"] += 1
+                quantized = state["m"].dtype == torch.uint8
+                if quantized:
+                    code_m, code_v = self.code_m.to(p.device), self.code_v.to(p.device)
+                    m = dequantize_blockwise(state["m"], state["absmax_m"], code_m, self.blocksize)
+                    v = dequantize_blockwise(state["v"], state["absmax_v"], code_v, self.blocksize)
+                else:
+                    m, v = state["m"], state["v"]
+                grad = p.grad.float()
+                m.mul_(beta1).add_(grad, alpha=1 - beta1)  # m = b1 m + (1 - b1) g
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # v = b2 v + (1 - b2) g^2
+                correction1 = 1 - beta1 ** state["step"]
+                correction2 = math.sqrt(1 - beta2 ** state["step"])
+                denom = (v.sqrt() / correction2).add_(eps)
+                p32 = p.float()
+                if wd > 0:
+                    p32.mul_(1 - lr * wd)  # decoupled weight decay (Loshchilov & Hutter)
+                p32.addcdiv_(m, denom, value=-lr / correction1)
+                p.copy_(p32)
+                if quantized:
+                    state["m"], state["absmax_m"] = quantize_blockwise(m, code_m, self.blocksize)
+                    state["v"], state["absmax_v"] = quantize_blockwise(v, code_v, self.blocksize)
+        return loss
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in ``optimizer.state`` (codes, absmax, fp32 moments alike)."""
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))

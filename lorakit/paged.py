@@ -1,0 +1,322 @@
+"""Paged optimizer: optimizer state in fixed-size pages on a slow tier, a budget of them resident.
+
+QLoRA §3 ("Paged Optimizers") uses NVIDIA unified memory: optimizer state lives in pages that the
+driver moves to CPU RAM when the GPU runs short (a long-sequence batch, say) and back when the
+optimizer step needs them. bitsandbytes' ``PagedAdamW`` does this with ``cudaMallocManaged``.
+``PagedOptimizer`` makes the same mechanism explicit and visible, for any elementwise torch
+optimizer:
+
+* the state (Adam's ``exp_avg`` and ``exp_avg_sq``...) is laid out in pages of ``page_bytes`` on
+  the **slow tier**: pinned CPU memory when the parameters are on a GPU, a memory-mapped
+  temporary file when they are on the CPU;
+* at most ``budget_bytes`` of pages are **resident** on the fast tier (the parameters' device);
+* just before a parameter's update its pages are brought in, least-recently-used pages leave
+  first (written back), and counters record the bytes moved and the time spent.
+
+A page holds ``K`` rows (one per state tensor) of ``E`` elements; parameters are cut into
+segments that each lie in one page. The wrapped optimizer is called on *views* of the parameter,
+its gradient and the page rows, so its own arithmetic runs unchanged: the updates equal the
+unwrapped optimizer's bit for bit, whatever the budget (``tests/test_paged.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+# Optimizers whose update of one element reads only that element's parameter, gradient and state:
+# these may be run on slices of a parameter without changing a bit.
+ELEMENTWISE = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD, torch.optim.RMSprop, torch.optim.Adagrad)
+
+
+@dataclass
+class _Segment:
+    """Elements ``[start, stop)`` of ``param`` whose state sits at ``offset`` in every row of ``page``."""
+
+    param: torch.Tensor
+    group: int
+    start: int
+    stop: int
+    page: int
+    offset: int
+    scalars: dict | None = None  # non-elementwise state (Adam's ``step``); None until first update
+
+
+@dataclass
+class _Layout:
+    names: tuple[str, ...]  # the elementwise state tensors, e.g. ("exp_avg", "exp_avg_sq")
+    dtype: torch.dtype
+    per_row: int  # E: elements of one state tensor per page
+
+
+def _remove_file(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+class PagedOptimizer:
+    """Wrap ``optimizer`` so its state lives in pages, at most ``budget_bytes`` of them resident.
+
+    ``page_bytes`` (default 1 MiB) is the unit moved between tiers; ``budget_bytes`` must hold at
+    least one page. ``page_dir`` is where the CPU tier's page file goes (default: the system's
+    temporary folder). The page file is removed by :meth:`close`, when the optimizer is garbage
+    collected, and when a step fails (the optimizer is then closed: its state is half-updated).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, budget_bytes: int, page_bytes: int = 1 << 20,
+                 page_dir: str | None = None):
+        if not isinstance(optimizer, ELEMENTWISE):
+            raise TypeError(f"PagedOptimizer: {type(optimizer).__name__} is not supported; it pages "
+                            f"elementwise optimizers only: {', '.join(c.__name__ for c in ELEMENTWISE)}")
+        if optimizer.state:
+            raise ValueError("PagedOptimizer: wrap the optimizer before its first step (its state is not empty)")
+        if page_bytes < 64:
+            raise ValueError(f"page_bytes={page_bytes}: a page must hold at least 64 bytes")
+        if budget_bytes < page_bytes:
+            raise ValueError(f"budget_bytes={budget_bytes:,} is smaller than one page ({page_bytes:,} bytes): "
+                             "the fast tier must hold at least one page")
+        self.optimizer = optimizer
+        self.page_bytes = page_bytes
+        self.budget_bytes = budget_bytes
+        self.max_resident_pages = budget_bytes // page_bytes
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        devices = {p.device for p in params}
+        if len(devices) != 1:
+            raise ValueError(f"PagedOptimizer: all parameters must be on one device, got {sorted(map(str, devices))}")
+        self.device = devices.pop()
+        self._layouts = [self._probe_layout(g) for g in optimizer.param_groups]
+        self._segments, self._page_layout = self._lay_out_pages()
+        n_pages = len(self._page_layout)
+        self.path: str | None = None
+        if self.device.type == "cuda":  # slow tier: pinned host memory, copied asynchronously
+            self._slow = torch.zeros(n_pages * page_bytes, dtype=torch.uint8, pin_memory=True)
+        else:  # slow tier: a memory-mapped file on disk
+            fd, self.path = tempfile.mkstemp(prefix="lorakit-pages-", suffix=".bin", dir=page_dir)
+            self._finalizer = weakref.finalize(self, _remove_file, self.path)
+            os.ftruncate(fd, max(1, n_pages * page_bytes))
+            os.close(fd)
+            self._slow = torch.from_file(self.path, shared=True, size=n_pages * page_bytes, dtype=torch.uint8)
+        self._resident: OrderedDict[int, torch.Tensor] = OrderedDict()  # page -> frame, LRU first
+        self._free_frames: list[torch.Tensor] = []
+        self.closed = False
+        self.bytes_in = self.bytes_out = 0
+        self.page_ins = self.page_outs = self.hits = 0
+        self.seconds_paging = 0.0
+        self.peak_resident_bytes = 0
+
+    # -- layout ------------------------------------------------------------------------------
+    def _probe_layout(self, group: dict) -> _Layout:
+        """Which state tensors are elementwise: step a throwaway 2-element copy of the optimizer."""
+        p0 = group["params"][0]
+        probe = torch.zeros(2, dtype=p0.dtype, device=p0.device, requires_grad=True)
+        probe.grad = torch.zeros_like(probe)
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        tmp = type(self.optimizer)([{"params": [probe], **hyper}])
+        tmp.step()
+        state = tmp.state[probe]
+        names = tuple(k for k, v in state.items() if torch.is_tensor(v) and v.shape == probe.shape)
+        dtypes = {state[k].dtype for k in names} or {p0.dtype}
+        if len(dtypes) != 1:
+            raise ValueError(f"PagedOptimizer: state tensors {names} have mixed dtypes {dtypes}")
+        dtype = dtypes.pop()
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        per_row = self.page_bytes // (max(1, len(names)) * itemsize)
+        return _Layout(names, dtype, per_row)
+
+    def _lay_out_pages(self):
+        """Cut every parameter into segments that each fit in one page; small ones share a page."""
+        segments, page_layout = [], []
+        for gi, group in enumerate(self.optimizer.param_groups):
+            layout = self._layouts[gi]
+            page, used = None, layout.per_row  # start a fresh page for each group
+            for p in group["params"]:
+                start = 0
+                while start < p.numel():
+                    if used == layout.per_row:
+                        page_layout.append(gi)
+                        page, used = len(page_layout) - 1, 0
+                    stop = min(p.numel(), start + layout.per_row - used)
+                    segments.append(_Segment(p, gi, start, stop, page, used))
+                    used += stop - start
+                    start = stop
+        return segments, page_layout
+
+    def _rows(self, frame: torch.Tensor, page: int) -> torch.Tensor:
+        layout = self._layouts[self._page_layout[page]]
+        k = max(1, len(layout.names))
+        itemsize = torch.empty(0, dtype=layout.dtype).element_size()
+        return frame[: k * layout.per_row * itemsize].view(layout.dtype).view(k, layout.per_row)  # (K, E)
+
+    # -- paging ------------------------------------------------------------------------------
+    def _slow_page(self, page: int) -> torch.Tensor:
+        return self._slow[page * self.page_bytes : (page + 1) * self.page_bytes]
+
+    def _page_in(self, page: int, pinned: set[int]) -> torch.Tensor:
+        """Make ``page`` resident (evicting the least recently used unpinned page) and return its frame."""
+        if page in self._resident:
+            self._resident.move_to_end(page)
+            self.hits += 1
+            return self._resident[page]
+        t0 = time.perf_counter()
+        if len(self._resident) >= self.max_resident_pages:
+            victim = next(pg for pg in self._resident if pg not in pinned)
+            frame = self._resident.pop(victim)
+            self._slow_page(victim).copy_(frame, non_blocking=True)  # write back
+            self.bytes_out += self.page_bytes
+            self.page_outs += 1
+        elif self._free_frames:
+            frame = self._free_frames.pop()
+        else:
+            frame = torch.empty(self.page_bytes, dtype=torch.uint8, device=self.device)
+        frame.copy_(self._slow_page(page), non_blocking=True)
+        self._resident[page] = frame
+        self.bytes_in += self.page_bytes
+        self.page_ins += 1
+        self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+        self.seconds_paging += time.perf_counter() - t0
+        return frame
+
+    def flush(self) -> None:
+        """Write every resident page back to the slow tier and release the fast tier."""
+        t0 = time.perf_counter()
+        for page, frame in self._resident.items():
+            self._slow_page(page).copy_(frame)
+            self.bytes_out += self.page_bytes
+            self.page_outs += 1
+            self._free_frames.append(frame)
+        self._resident.clear()
+        self._free_frames.clear()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds_paging += time.perf_counter() - t0
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of optimizer state on the fast tier now (never more than ``budget_bytes``)."""
+        return len(self._resident) * self.page_bytes
+
+    def state_bytes(self) -> int:
+        """Bytes of the slow tier holding the state (all pages): what the memory ledger reports."""
+        return self._slow.numel()
+
+    # -- the step ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        """One update of every parameter with a gradient, window by window of resident pages."""
+        if closure is not None:
+            raise ValueError("PagedOptimizer.step: closures are not supported; compute the loss before step()")
+        if self.closed:
+            raise RuntimeError("PagedOptimizer: this optimizer is closed (after close() or a failed step)")
+        try:
+            window: list[_Segment] = []
+            pinned: set[int] = set()
+            for seg in self._segments:
+                if seg.param.grad is None:
+                    continue
+                if seg.page not in pinned and len(pinned) == self.max_resident_pages:
+                    self._update(window, pinned)
+                    window, pinned = [], set()
+                if seg.page not in pinned:
+                    self._page_in(seg.page, pinned)
+                    pinned.add(seg.page)
+                window.append(seg)
+            if window:
+                self._update(window, pinned)
+        except BaseException:
+            self.close()
+            raise
+
+    def _update(self, window: list[_Segment], pinned: set[int]) -> None:
+        """Run the wrapped optimizer once on views of the segments of the resident ``pinned`` pages."""
+        opt = self.optimizer
+        saved_params = [g["params"] for g in opt.param_groups]
+        shadows = [[] for _ in opt.param_groups]
+        try:
+            for seg in window:
+                if not seg.param.is_contiguous():
+                    raise ValueError("PagedOptimizer: parameters must be contiguous to be updated in segments")
+                shadow = seg.param.detach().view(-1)[seg.start : seg.stop]  # shares the parameter's storage
+                shadow.grad = seg.param.grad.reshape(-1)[seg.start : seg.stop]
+                rows = self._rows(self._resident[seg.page], seg.page)[:, seg.offset : seg.offset + seg.stop - seg.start]
+                if seg.scalars is not None:  # the state as the optimizer left it, now in the page
+                    names = self._layouts[seg.group].names
+                    opt.state[shadow] = {**seg.scalars, **{n: rows[k] for k, n in enumerate(names)}}
+                shadows[seg.group].append((shadow, seg, rows))
+            for g, group in enumerate(opt.param_groups):
+                group["params"] = [s for s, _, _ in shadows[g]]
+            opt.step()
+            for g in range(len(opt.param_groups)):
+                names = self._layouts[g].names
+                for shadow, seg, rows in shadows[g]:
+                    state = opt.state.pop(shadow)
+                    if seg.scalars is None:  # first update: the optimizer made fresh tensors; page them
+                        for k, n in enumerate(names):
+                            rows[k].copy_(state[n])
+                    seg.scalars = {k: v for k, v in state.items() if k not in names}
+        finally:
+            for group, params in zip(opt.param_groups, saved_params):
+                group["params"] = params
+            for g in shadows:
+                for shadow, _, _ in g:
+                    opt.state.pop(shadow, None)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def state_of(self, param: torch.Tensor) -> dict:
+        """``param``'s full state, gathered from the pages (for inspection and tests)."""
+        segs = [s for s in self._segments if s.param is param]
+        if not segs or segs[0].scalars is None:
+            return {}
+        layout = self._layouts[segs[0].group]
+        if self.device.type == "cuda":  # write-backs to pinned memory are asynchronous
+            torch.cuda.synchronize(self.device)
+        out = {k: v.clone() if torch.is_tensor(v) else v for k, v in segs[0].scalars.items()}
+        for k, name in enumerate(layout.names):
+            parts = []
+            for s in segs:
+                frame = self._resident.get(s.page, None)
+                src = frame if frame is not None else self._slow_page(s.page).to(self.device)
+                parts.append(self._rows(src, s.page)[k, s.offset : s.offset + s.stop - s.start])
+            out[name] = torch.cat(parts).view_as(param).clone()
+        return out
+
+    def counters(self) -> dict:
+        """Bytes moved, pages moved, hits and seconds spent paging since construction."""
+        return dict(bytes_in=self.bytes_in, bytes_out=self.bytes_out, page_ins=self.page_ins,
+                    page_outs=self.page_outs, hits=self.hits, seconds_paging=self.seconds_paging,
+                    peak_resident_bytes=self.peak_resident_bytes)
+
+    def close(self) -> None:
+        """Release both tiers and remove the page file. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self._resident.clear()
+        self._free_frames.clear()
+        self._slow = torch.empty(0, dtype=torch.uint8)
+        if self.path is not None:
+            self._finalizer()  # removes the file once, and never again at garbage collection
+
+    def __enter__(self) -> "PagedOptimizer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        tier = "pinned CPU memory" if self.device.type == "cuda" else "a memory-mapped file"
+        return (f"PagedOptimizer({type(self.optimizer).__name__}, {len(self._page_layout)} pages of "
+                f"{self.page_bytes:,} B on {tier}, budget {self.max_resident_pages} pages on {self.device})")
