@@ -1,5 +1,5 @@
 """lorakit: LoRA and QLoRA built from scratch, readable, and checked against peft and bitsandbytes."""
-from lorakit.adam8bit import AdamW8bit, create_dynamic_map
+from lorakit.adam8bit import AdamW8bit
 from lorakit.adapter import load_adapter, save_adapter
 from lorakit.assets import AssetError, cache_dir, fetch
 from lorakit.blockwise import (
@@ -11,7 +11,7 @@ from lorakit.blockwise import (
     quantize_blockwise,
     storage,
 )
-from lorakit.codebooks import codebook, dynamic_map, fp4, integer, nf_offset, normal_float
+from lorakit.codebooks import codebook, create_dynamic_map, dynamic_map, fp4, integer, nf_offset, normal_float
 from lorakit.data import lm_batches, load_documents, perplexity, split_documents, tokenize_blocks
 from lorakit.double_quant import dequantize_absmax, quantize_absmax
 from lorakit.explore import Tradeoff, quantization_tradeoff, tradeoff_widget

@@ -8,7 +8,7 @@ dequantizes the block, does the ordinary fp32 AdamW update, and quantizes again.
 The code book is the *dynamic* data type (Dettmers 2016, "8-Bit Approximations for Parallelism"):
 a sign bit, a run of zero bits whose length is the decimal exponent, an indicator bit, and the
 remaining bits as a linear fraction. Values near zero get many codes, large ones few, which
-suits moments spanning several orders of magnitude. ``create_dynamic_map`` mirrors
+suits moments spanning several orders of magnitude. ``create_dynamic_map`` (in codebooks.py) mirrors
 ``bitsandbytes.functional.create_dynamic_map`` (checked equal in ``tests/test_adam8bit.py``) and
 the update mirrors bitsandbytes' CPU ``optimizer_update_8bit_blockwise`` (``backends/cpu/ops.py``).
 """
@@ -19,44 +19,10 @@ import math
 
 import torch
 
+from lorakit.codebooks import create_dynamic_map
+
 BLOCKSIZE = 256  # bitsandbytes' blockwise optimizers: one absmax per 256 elements
 MIN_8BIT_SIZE = 4096  # smaller tensors keep fp32 state (bitsandbytes' ``min_8bit_size``)
-
-
-def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
-    """The 2**total_bits values of the dynamic data type, sorted, in [-1, 1] (signed) or [0, 1].
-
-    For exponent ``e = 0 .. max_exponent_bits-1`` the code book holds a linear grid of fractions
-    scaled by ``10 ** (e - (max_exponent_bits - 1))``: the smaller the exponent, the fewer
-    fraction bits are left (``2**e`` grid points signed, ``2**(e+1)`` unsigned, for 8 bits and
-    7 exponent bits). Each grid point is the midpoint of ``linspace(0.1, 1, n + 1)``. Then 0 and 1
-    are added, and unused slots are padded with 0.
-    """
-    values: list[float] = []
-    non_sign_bits = total_bits - 1
-    extra = 2 ** (non_sign_bits - max_exponent_bits) - 1  # codes when all exponent bits are zero
-    for e in range(max_exponent_bits):
-        n = 2 ** (e + non_sign_bits - max_exponent_bits) + 1 if signed else 2 ** (e + non_sign_bits - max_exponent_bits + 1) + 1
-        edges = torch.linspace(0.1, 1, n, dtype=torch.float32)
-        fractions = (edges[:-1] + edges[1:]) / 2.0  # the midpoints of the grid
-        scale = 10 ** (-(max_exponent_bits - 1) + e)
-        values += (scale * fractions).tolist()
-        if signed:
-            values += (-scale * fractions).tolist()
-    if extra > 0:
-        edges = torch.linspace(0.1, 1, extra + 1, dtype=torch.float32)
-        fractions = (edges[:-1] + edges[1:]) / 2.0
-        scale = 10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)
-        values += (scale * fractions).tolist()
-        if signed:
-            values += (-scale * fractions).tolist()
-    values += [0.0, 1.0]
-    if len(values) != 2**total_bits:
-        raise ValueError(f"dynamic map: {len(values)} values for {total_bits} bits "
-                         f"(max_exponent_bits={max_exponent_bits}, signed={signed})")
-    values += [0.0] * (256 - len(values))
-    return torch.tensor(sorted(values), dtype=torch.float32)
-
 
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = BLOCKSIZE):
     """``x`` -> (uint8 codes shaped like ``x``, fp32 absmax per block of ``blocksize`` elements).

@@ -150,22 +150,50 @@ def parse_kind(kind: str, bits: int | None = None) -> tuple[str, int]:
     return family, bits
 
 
+def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """The 2**total_bits values of the dynamic data type, sorted, in [-1, 1] (signed) or [0, 1].
+
+    For exponent ``e = 0 .. max_exponent_bits-1`` the code book holds a linear grid of fractions
+    scaled by ``10 ** (e - (max_exponent_bits - 1))``: the smaller the exponent, the fewer
+    fraction bits are left (``2**e`` grid points signed, ``2**(e+1)`` unsigned, for 8 bits and
+    7 exponent bits). Each grid point is the midpoint of ``linspace(0.1, 1, n + 1)``. Then 0 and 1
+    are added, and unused slots are padded with 0.
+    """
+    values: list[float] = []
+    non_sign_bits = total_bits - 1
+    extra = 2 ** (non_sign_bits - max_exponent_bits) - 1  # codes when all exponent bits are zero
+    for e in range(max_exponent_bits):
+        n = 2 ** (e + non_sign_bits - max_exponent_bits) + 1 if signed else 2 ** (e + non_sign_bits - max_exponent_bits + 1) + 1
+        edges = torch.linspace(0.1, 1, n, dtype=torch.float32)
+        fractions = (edges[:-1] + edges[1:]) / 2.0  # the midpoints of the grid
+        scale = 10 ** (-(max_exponent_bits - 1) + e)
+        values += (scale * fractions).tolist()
+        if signed:
+            values += (-scale * fractions).tolist()
+    if extra > 0:
+        edges = torch.linspace(0.1, 1, extra + 1, dtype=torch.float32)
+        fractions = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)
+        values += (scale * fractions).tolist()
+        if signed:
+            values += (-scale * fractions).tolist()
+    values += [0.0, 1.0]
+    if len(values) != 2**total_bits:
+        raise ValueError(f"dynamic map: {len(values)} values for {total_bits} bits "
+                         f"(max_exponent_bits={max_exponent_bits}, signed={signed})")
+    values += [0.0] * (256 - len(values))
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
 def dynamic_map() -> torch.Tensor:
     """The signed 8-bit dynamic tree type (bitsandbytes ``create_dynamic_map()``), ``(256,)`` float32.
 
     Each exponent ``10**(i-6)`` (i = 0..6) gets ``2**i`` linearly spaced fractions in [0.1, 1]
     (bin centres), with both signs; add 0 and 1. Fine near zero, coarse near one. Used to store
-    the absmax constants in 8 bits in double quantization (QLoRA section 3).
+    the absmax constants in 8 bits in double quantization (QLoRA section 3), and Adam's first
+    moment in 8-bit optimizers.
     """
-    data: list[float] = []
-    for i in range(7):
-        boundaries = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
-        means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        data += ((10 ** (-6 + i)) * means).tolist()
-        data += (-(10 ** (-6 + i)) * means).tolist()
-    data += [0.0, 1.0]
-    data.sort()
-    return torch.tensor(data, dtype=torch.float32)
+    return create_dynamic_map(signed=True)
 
 
 def widest_gap(table: torch.Tensor) -> float:
