@@ -44,7 +44,7 @@ def lm_batch(batch_size, seq_len, vocab=512, seed=0):
 
 
 def peft_lora(model, rank, targets):
-    """peft's LoRA, a stand-in for lorakit's own until it lands (issue 3)."""
+    """peft's LoRA: the ledger and estimator cross-checked on the production library's layers too."""
     from peft import LoraConfig, get_peft_model
 
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), lora_dropout=0.0))
@@ -124,14 +124,21 @@ def test_estimator_matches_ledger_on_a_tiny_llama(method, targets):
     assert within(est.activations, ledger.activations, 0.15)
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_estimator_matches_ledger_on_smollm2(smollm2, method):
-    """The issue's check: weights, gradients, optimizer state within 5%, activations within 15%."""
+    """The issue's check: weights, gradients, optimizer state within 5%, activations within 15%.
+
+    LoRA and QLoRA are lorakit's own (add_lora; quantize_model with NF4 + double quantization).
+    """
+    from lorakit import add_lora, quantize_model
+
     model, _ = smollm2
     model = copy.deepcopy(model)
     targets = ("q_proj", "k_proj", "v_proj", "o_proj")
-    if method == "lora":
-        model = peft_lora(model, 8, targets)
+    if method == "qlora":
+        quantize_model(model)
+    if method in ("lora", "qlora"):
+        add_lora(model, list(targets), r=8, alpha=16)
     trainable = [p for p in model.parameters() if p.requires_grad]
     ledger = memory_ledger(model, lm_batch(1, 64, vocab=model.config.vocab_size),
                            torch.optim.AdamW(trainable, lr=1e-5))
