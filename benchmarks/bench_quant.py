@@ -7,23 +7,12 @@ Run: ``python benchmarks/bench_quant.py [--repeats 7]``
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
 
 import lorakit
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm up (allocations, bitsandbytes' kernel caches)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from lorakit.steps import median_time  # median of repeats after one warm-up call
 
 
 def main() -> None:
@@ -49,7 +38,7 @@ def main() -> None:
              lambda: bnb.dequantize_4bit(ref_packed, ref_state)),
         ]
         for op, ours, theirs in rows:
-            t_ours, t_theirs = median_seconds(ours, args.repeats), median_seconds(theirs, args.repeats)
+            t_ours, t_theirs = median_time(ours, args.repeats), median_time(theirs, args.repeats)
             print(f"{str(dtype).split('.')[-1]:>9} {op:>10} {t_ours:10.4f} {t_theirs:8.4f} {t_ours / t_theirs:6.2f}")
 
 

@@ -38,8 +38,26 @@ GB = 10**9
 # ----------------------------------------------------------------------------------------------
 
 
+class FourLines:
+    """What a ledger and an estimate share: weights (per dtype), gradients, optimizer state, activations."""
+
+    weights: dict[str, int]
+    gradients: int
+    optimizer_state: int
+    activations: int
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.weights.values())
+
+    @property
+    def total(self) -> int:
+        """Weights + gradients + optimizer state + saved activations (on the accelerator, for a GPU run)."""
+        return self.weight_bytes + self.gradients + self.optimizer_state + self.activations
+
+
 @dataclass
-class MemoryLedger:
+class MemoryLedger(FourLines):
     """Measured bytes of one training step. ``weights`` maps a dtype name to bytes."""
 
     weights: dict[str, int]
@@ -50,15 +68,6 @@ class MemoryLedger:
     peak_rss_is_step_only: bool  # False when the kernel would not reset the peak (then: lifetime peak)
     peak_cuda: int | None  # torch.cuda.max_memory_allocated during the step; None without a GPU
     loss: float
-
-    @property
-    def weight_bytes(self) -> int:
-        return sum(self.weights.values())
-
-    @property
-    def total(self) -> int:
-        """Weights + gradients + optimizer state + saved activations (the four lines of the ledger)."""
-        return self.weight_bytes + self.gradients + self.optimizer_state + self.activations
 
     def lines(self) -> dict[str, int]:
         """The ledger as ``{line: bytes}``, weights split per dtype (for stacked bars)."""
@@ -446,7 +455,7 @@ def activation_bytes(shape: ModelShape, batch_size: int, seq_len: int, method: s
 
 
 @dataclass
-class MemoryEstimate:
+class MemoryEstimate(FourLines):
     """Estimated bytes per line; ``weights`` split into the storage kinds that make it up."""
 
     shape: ModelShape
@@ -458,15 +467,6 @@ class MemoryEstimate:
     trainable_params: int
     paged_optimizer_state: int = 0  # state a paged optimizer keeps in CPU memory (not in ``total``)
     settings: dict = field(default_factory=dict)
-
-    @property
-    def weight_bytes(self) -> int:
-        return sum(self.weights.values())
-
-    @property
-    def total(self) -> int:
-        """Bytes resident on the accelerator: weights, gradients, optimizer state, activations."""
-        return self.weight_bytes + self.gradients + self.optimizer_state + self.activations
 
     def lines(self) -> dict[str, int]:
         out = {f"weights: {k}": v for k, v in self.weights.items()}
