@@ -34,23 +34,25 @@ def menu(page, top: str, item: str) -> None:
 def restart_and_run_all(page, timeout_ms: int = 600_000) -> None:
     """Clear every stored output, Restart Kernel and Run All Cells, and wait until every cell has run.
 
-    Clearing first makes every prompt blank, so "every prompt shows a number" can only mean
-    that this run executed the cell.
+    Clearing first means any output on the page afterwards comes from this run. Done = the last
+    code cell has an output again, no cell is waiting ([*]), and the kernel is idle.
     """
+    page.click(".jp-NotebookPanel .jp-Cell .jp-InputPrompt >> nth=0")  # make the notebook the current widget
     menu(page, "Edit", "Clear Outputs of All Cells")
     page.wait_for_function(
-        "() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].every(p => !/\\d/.test(p.textContent))"
+        "() => document.querySelectorAll('.jp-NotebookPanel .jp-OutputArea-output').length === 0",
+        timeout=60_000,
     )
-    assert page.locator(".jp-NotebookPanel .jp-OutputArea-output").count() == 0
-    page.click("div.lm-MenuBar-itemLabel:text-is('Kernel')")
-    page.click("li.lm-Menu-item:has-text('Restart Kernel and Run All Cells')")
+    menu(page, "Kernel", "Restart Kernel and Run All Cells")
     page.click(".jp-Dialog button.jp-mod-accept")
-    # Done = no cell waiting ([*] or blank prompt) and the kernel idle.
     page.wait_for_function(
         """() => {
-            const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')];
+            const cells = [...document.querySelectorAll('.jp-NotebookPanel .jp-CodeCell')];
+            const last = cells[cells.length - 1];
             const ind = document.querySelector('.jp-Notebook-ExecutionIndicator');
-            return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent))
+            return cells.length > 0
+                && last.querySelectorAll('.jp-OutputArea-output').length > 0
+                && cells.every(c => !c.querySelector('.jp-InputPrompt').textContent.includes('*'))
                 && ind && ind.dataset.status === 'idle';
         }""",
         timeout=timeout_ms,
