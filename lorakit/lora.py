@@ -195,28 +195,14 @@ def add_lora(
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base weight (``W0 <- W0 + (alpha / r) B A``); returns the model."""
-    layers = _require_lora(model, "merge_lora")
-    merged = [n for n, m in layers.items() if m.merged]
-    if merged:
-        raise RuntimeError(
-            f"merge_lora: {len(merged)} LoRA layers are already merged (e.g. {merged[0]!r}); "
-            "call unmerge_lora(model) first"
-        )
-    for layer in layers.values():
+    for layer in _layers_not_yet(model, "merge_lora", merged=True).values():
         layer.merge()
     return model
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
     """Undo ``merge_lora``: ``W0 <- W0 - (alpha / r) B A``; returns the model."""
-    layers = _require_lora(model, "unmerge_lora")
-    unmerged = [n for n, m in layers.items() if not m.merged]
-    if unmerged:
-        raise RuntimeError(
-            f"unmerge_lora: {len(unmerged)} LoRA layers are not merged (e.g. {unmerged[0]!r}); "
-            "call merge_lora(model) first"
-        )
-    for layer in layers.values():
+    for layer in _layers_not_yet(model, "unmerge_lora", merged=False).values():
         layer.unmerge()
     return model
 
@@ -230,6 +216,16 @@ def unload_lora(model: nn.Module) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer.base_layer)
     return model
+
+
+def _layers_not_yet(model: nn.Module, what: str, merged: bool) -> dict[str, LoRALinear]:
+    """The LoRA layers for ``what``, refusing if any is already ``merged`` (True) or unmerged (False)."""
+    layers = _require_lora(model, what)
+    done = [n for n, m in layers.items() if m.merged == merged]
+    if done:
+        state, undo = ("already merged", "unmerge_lora") if merged else ("not merged", "merge_lora")
+        raise RuntimeError(f"{what}: {len(done)} LoRA layers are {state} (e.g. {done[0]!r}); call {undo}(model) first")
+    return layers
 
 
 def _require_lora(model: nn.Module, what: str) -> dict[str, LoRALinear]:
