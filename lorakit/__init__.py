@@ -16,6 +16,7 @@ from lorakit.data import lm_batches, load_documents, perplexity, split_documents
 from lorakit.double_quant import dequantize_absmax, quantize_absmax
 from lorakit.explore import Tradeoff, quantization_tradeoff, tradeoff_widget
 from lorakit.finetune import FinetuneConfig, finetune
+from lorakit.finetune.controls import RunBoard, SettingReport, finetune_widget, setting_report
 from lorakit.linear4bit import Linear4bit, dequantize_model, quantize_model
 from lorakit.lora import LoRALinear, add_lora, lora_layers, merge_lora, unload_lora, unmerge_lora
 from lorakit.memory import (
@@ -46,7 +47,9 @@ __all__ = [
     "ModelShape",
     "PagedOptimizer",
     "QuantState",
+    "RunBoard",
     "Runtime",
+    "SettingReport",
     "Storage",
     "Tradeoff",
     "add_lora",
@@ -63,6 +66,7 @@ __all__ = [
     "estimate_memory",
     "fetch",
     "finetune",
+    "finetune_widget",
     "fp4",
     "generate",
     "integer",
@@ -84,6 +88,7 @@ __all__ = [
     "quantize_model",
     "quantized_bits_per_param",
     "save_adapter",
+    "setting_report",
     "setup",
     "split_documents",
     "storage",

@@ -72,3 +72,30 @@ def check_merged_weight(fn: Callable[..., torch.Tensor]) -> str:
         if not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
             raise AssertionError(f"your merged weight differs from W0 + (alpha / r) B A by up to {(got - want).abs().max():.3g}")
     return "correct: one (d_out, d_in) matrix, so the merged layer costs exactly what the base layer costs"
+
+
+def check_trainable_params(fn: Callable[[object, int], int], config) -> str:
+    """Exercise (notebook 06): ``fn(config, r)`` returns the parameters LoRA adds to all seven
+    projections of every decoder block of the model with this transformers ``config``.
+
+    Compared with ``lorakit.memory.lora_params``, which counts ``r * (d_in + d_out)`` per
+    projection from the config's shapes (k_proj and v_proj are narrower under grouped-query attention).
+    """
+    from lorakit.memory import lora_params, model_shape
+
+    shape = model_shape(config)
+    for r in (1, 8, 64):
+        got, want = fn(config, r), lora_params(shape, r)
+        if got == want:
+            continue
+        square = lora_params(
+            type(shape)(shape.vocab_size, shape.hidden_size, shape.intermediate_size, shape.num_layers,
+                        shape.num_heads, shape.num_heads), r)
+        if got == square:
+            raise AssertionError(
+                f"for r={r} you returned {got:,}: k_proj and v_proj are narrower than q_proj here, their output "
+                f"is num_key_value_heads * head_dim = {shape.kv_size}, not {shape.hidden_size}")
+        raise AssertionError(
+            f"for r={r} you returned {got!r}, expected {want:,}; hint: per block, sum r * (d_in + d_out) over "
+            "q, k, v, o, gate, up and down, then multiply by num_hidden_layers")
+    return f"correct: rank 8 adds {lora_params(shape, 8):,} parameters to SmolLM2's projections"

@@ -492,7 +492,8 @@ def estimate_memory(model="7B", method: str = "qlora", bits: int | None = None, 
     * ``model``: ``"65B"``, ``"350M"``, a parameter count, a transformers config or model.
     * ``method``: ``"full"`` (every weight trained), ``"lora"`` (frozen base in ``dtype``, adapters),
       ``"qlora"`` (frozen base quantized to ``bits``, adapters in ``dtype``; QLoRA §3).
-    * ``bits``: storage bits of the base weights: 4 or 8 for qlora (default 4), 16 or 32 for full
+    * ``bits``: storage bits of the base weights: 2, 3, 4 or 8 for qlora (default 4; the k-bit codes are
+      packed back to back, as ``lorakit.quantize_model`` stores them), 16 or 32 for full
       and lora (default: the bits of ``dtype``, which it then sets).
     * ``rank``, ``targets`` (``"all"`` linear layers of the blocks, or names such as
       ``("q_proj", "v_proj")``): the adapters.
@@ -515,13 +516,13 @@ def estimate_memory(model="7B", method: str = "qlora", bits: int | None = None, 
             raise ValueError(f"{arg} must be a positive int, got {value!r}")
     if method == "qlora":
         bits = 4 if bits is None else bits
-        if bits not in (4, 8):
-            raise ValueError(f"bits={bits} for qlora: the base is quantized to 4 or 8 bits")
+        if bits not in (2, 3, 4, 8):
+            raise ValueError(f"bits={bits} for qlora: the base is quantized to 2, 3, 4 or 8 bits")
     else:
         bits = 8 * DTYPE_BYTES[dtype] if bits is None else bits
         if bits not in (16, 32):
             raise ValueError(f"bits={bits} for {method}: weights are stored in 16 or 32 bit "
-                             "(use method='qlora' for 4 or 8 bits)")
+                             "(use method='qlora' for 2 to 8 bits)")
         dtype = "float32" if bits == 32 else ("bfloat16" if dtype == "float32" else dtype)
     b = DTYPE_BYTES[dtype]
 

@@ -63,6 +63,7 @@ class FinetuneConfig:
     train_blocks: int | None = None  # cap on training blocks (None: the whole training split)
     corpus: str = "shakespeare"
     gradient_checkpointing: bool = False
+    sample_prompt: str | None = None  # generated (greedy, no chat template) before and after training
     seed: int = 0
     backend: str = "lorakit"  # lorakit | hf
     model: str = DEFAULT_MODEL
@@ -230,7 +231,7 @@ def finetune(
         steps=config.steps, lr=config.learning_rate, batch_size=config.batch_size, grad_accum=config.grad_accum,
         warmup_steps=min(config.warmup_steps, config.steps), gradient_checkpointing=config.gradient_checkpointing,
         eval_blocks=config.eval_blocks, checkpoint_every=max(1, config.steps // 4) if folder else 0,
-        seed=config.seed, progress=progress,
+        sample_prompt=config.sample_prompt, seed=config.seed, progress=progress,
     )
     result = train(model, train_blocks, val_blocks, train_config, tokenizer=tokenizer,
                    checkpoint_dir=folder / "checkpoint" if folder else None, on_step=on_step)
