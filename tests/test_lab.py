@@ -137,6 +137,9 @@ def test_quality_depends_on_too_few_steps_then_compares():
 def test_memory_lower():
     runs = fake_runs()
     assert C.memory_lower(runs).verdict == HOLDS
+    assert "hides" not in C.memory_lower(runs).why
+    more_rss = C.memory_lower(with_(runs, "qlora_nf4.ledger.peak_rss", 1000 * MB))
+    assert more_rss.verdict == HOLDS and "the process RSS hides it here" in more_rss.why
     big_activations = ledger(170 * MB, 20 * MB, 39 * MB, 5000 * MB)
     assert C.memory_lower(with_(with_(runs, "qlora_nf4.ledger", big_activations), "lora.ledger",
                                 ledger(540 * MB, 20 * MB, 39 * MB, 5000 * MB))).verdict == FAILS

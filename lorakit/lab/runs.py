@@ -128,6 +128,17 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def rss_parts() -> dict | None:
+    """The process's resident memory now, split as Linux reports it: anonymous pages (what the
+    process allocated) and file-backed ones (such as a memory-mapped checkpoint); None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            fields_kb = dict(line.split(":", 1) for line in f if line.startswith(("RssAnon", "RssFile")))
+    except OSError:
+        return None
+    return {key.removeprefix("Rss").lower(): int(value.split()[0]) * 1024 for key, value in fields_kb.items()}
+
+
 def _ledger_line(ledger, optimizer=None) -> dict:
     return dict(weights=ledger.weight_bytes, gradients=ledger.gradients, optimizer_state=ledger.optimizer_state,
                 activations=ledger.activations, total=ledger.total, peak_rss=ledger.peak_rss,
@@ -215,6 +226,7 @@ def train_run(name: str, settings: dict, adapter_dir: str | None) -> dict:
     ordinary = _lm_batch(train_blocks[: config.batch_size], device)  # (B, T), the training batch shape
     trainable = [p for p in model.parameters() if p.requires_grad]
     out["ledger"] = _frozen_ledger(model, ordinary, torch.optim.AdamW(trainable, lr=0.0))
+    out["rss_after_step"] = rss_parts()
     clock("ledger")
     out["weights_by_dtype"] = weight_bytes_by_dtype(model)
     if fconfig.method == "qlora":
