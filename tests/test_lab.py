@@ -36,7 +36,7 @@ def lat(seconds, spread=0.02):
 
 def fake_runs(steps=200) -> dict:
     """Plausible measurements of a long CPU run, every claim answerable from them."""
-    lora_led = ledger(540 * MB, 20 * MB, 39 * MB, 150 * MB)
+    lora_led = ledger(540 * MB, 20 * MB, 39 * MB, 150 * MB, peak_rss=1200 * MB)
     q_led = ledger(170 * MB, 20 * MB, 39 * MB, 150 * MB)
     quantized = dict(params=106_000_000, bytes=55 * MB, bits_per_param=4.127)
     return {
@@ -138,7 +138,7 @@ def test_memory_lower():
     runs = fake_runs()
     assert C.memory_lower(runs).verdict == HOLDS
     assert "hides" not in C.memory_lower(runs).why
-    more_rss = C.memory_lower(with_(runs, "qlora_nf4.ledger.peak_rss", 1000 * MB))
+    more_rss = C.memory_lower(with_(runs, "qlora_nf4.ledger.peak_rss", 1300 * MB))
     assert more_rss.verdict == HOLDS and "the process RSS hides it here" in more_rss.why
     big_activations = ledger(170 * MB, 20 * MB, 39 * MB, 5000 * MB)
     assert C.memory_lower(with_(with_(runs, "qlora_nf4.ledger", big_activations), "lora.ledger",
