@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 import resource
 import statistics
 import time
@@ -376,8 +377,8 @@ def inference_run(settings: dict, adapters: dict[str, str]) -> dict:
 
 def in_fresh_process(fn: Callable, *args):
     """``fn(*args)`` in a new Python process (spawned, so CUDA works there too); returns its result."""
-    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        return pool.apply(fn, args)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def settings_dict(config: LabConfig) -> dict:
