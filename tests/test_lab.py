@@ -294,6 +294,7 @@ def test_markdown_escapes_pipes():
     ("latency_tokens", 10_000, r"LabConfig.latency_tokens=10000 is more than the held-out text"),
     ("train_blocks", 1, r"LabConfig.train_blocks=1 is fewer than one batch of 2"),
     ("spike_seq_len", -1, r"LabConfig.spike_seq_len=-1 is not valid"),
+    ("device", "gpu0", r"LabConfig.device='gpu0' is not a torch device"),
 ])
 def test_config_errors_name_the_setting(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -312,6 +313,7 @@ def test_full_settings_are_longer_and_reach_a_quality_verdict():
     (["--steps", "many"], "--steps: 'many' is not an integer"),
     (["--seq-len", "4"], "LabConfig.seq_len=4 is not valid"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--device", "gpu0"], "LabConfig.device='gpu0' is not a torch device"),
 ])
 def test_cli_argument_errors_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

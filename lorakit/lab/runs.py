@@ -98,6 +98,13 @@ class LabConfig:
             raise ValueError(f"LabConfig.spike_seq_len={self.spike_seq_len} is not valid; use 0 (skip) or a length")
         if not self.alpha > 0:
             raise ValueError(f"LabConfig.alpha={self.alpha!r} is not valid; use a positive number (often 2 * rank)")
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"LabConfig.device={self.device!r} is not a torch device; use 'cpu' or 'cuda'") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"LabConfig.device={self.device!r}, but torch sees no CUDA GPU here; use 'cpu'")
 
 
 def lab_config(settings: dict) -> LabConfig:
