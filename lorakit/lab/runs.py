@@ -20,7 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -387,9 +387,6 @@ def in_fresh_process(fn: Callable, *args):
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(fn, *args).result()
 
-
-def settings_dict(config: LabConfig) -> dict:
-    return asdict(config)
 
 
 # -- scales a CPU cannot reach: the estimator and the arithmetic ---------------------------------
