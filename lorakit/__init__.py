@@ -32,6 +32,7 @@ from lorakit.memory import (
 from lorakit.models import count_parameters, generate, load_base_model, model_bytes
 from lorakit.paged import PagedOptimizer
 from lorakit.runtime import Runtime, setup
+from lorakit.lab import LabConfig, LabResult, run_lab
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,8 @@ __all__ = [
     "AdamW8bit",
     "AssetError",
     "FinetuneConfig",
+    "LabConfig",
+    "LabResult",
     "Linear4bit",
     "LoRALinear",
     "MemoryCalculator",
@@ -87,6 +90,7 @@ __all__ = [
     "quantize_blockwise",
     "quantize_model",
     "quantized_bits_per_param",
+    "run_lab",
     "save_adapter",
     "setting_report",
     "setup",
