@@ -14,7 +14,7 @@ from lorakit.blockwise import (
 from lorakit.codebooks import codebook, create_dynamic_map, dynamic_map, fp4, integer, nf_offset, normal_float
 from lorakit.data import lm_batches, load_documents, perplexity, split_documents, tokenize_blocks
 from lorakit.double_quant import dequantize_absmax, quantize_absmax
-from lorakit.explore import Tradeoff, quantization_tradeoff, tradeoff_widget
+from lorakit.explore import Tradeoff, TradeoffControl, quantization_tradeoff, tradeoff_widget
 from lorakit.finetune import FinetuneConfig, finetune
 from lorakit.linear4bit import Linear4bit, dequantize_model, quantize_model
 from lorakit.lora import LoRALinear, add_lora, lora_layers, merge_lora, unload_lora, unmerge_lora
@@ -31,6 +31,7 @@ from lorakit.memory import (
 from lorakit.models import count_parameters, generate, load_base_model, model_bytes
 from lorakit.paged import PagedOptimizer
 from lorakit.runtime import Runtime, setup
+from lorakit.snapshot import Pictured, PicturedControl, figure_png, text_figure
 
 __version__ = "0.1.0"
 
@@ -45,10 +46,13 @@ __all__ = [
     "MemoryLedger",
     "ModelShape",
     "PagedOptimizer",
+    "Pictured",
+    "PicturedControl",
     "QuantState",
     "Runtime",
     "Storage",
     "Tradeoff",
+    "TradeoffControl",
     "add_lora",
     "cache_dir",
     "check_fit",
@@ -62,6 +66,7 @@ __all__ = [
     "dynamic_map",
     "estimate_memory",
     "fetch",
+    "figure_png",
     "finetune",
     "fp4",
     "generate",
@@ -87,6 +92,7 @@ __all__ = [
     "setup",
     "split_documents",
     "storage",
+    "text_figure",
     "tokenize_blocks",
     "tradeoff_widget",
     "unload_lora",
