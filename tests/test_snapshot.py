@@ -82,3 +82,39 @@ def test_a_pictured_control_displays_the_widget_and_its_picture(w):
     slider.value = 4
     after = base64.b64decode(pictured._repr_mimebundle_()["image/png"])
     assert before == figure_png(text_figure("value 3")) and after == figure_png(text_figure("value 4"))
+
+
+def test_rank_control_shows_the_report_and_its_picture():
+    pytest.importorskip("ipywidgets")
+    from lorakit.lowrank import RankControl, rank_figure, rank_report, singular_values
+
+    g = torch.Generator().manual_seed(0)
+    dW = torch.randn(40, 8, generator=g) @ torch.randn(8, 60, generator=g)  # (d_out, d_in), rank 8
+    s = singular_values(dW)
+    control = RankControl(s, 60, 40, r=2)
+    control.controls["rank"].value = 5
+    assert control.result == rank_report(s, 60, 40, 5) and control.text.value == str(control.result)
+    assert control.png() == figure_png(rank_figure(s, 60, 40, 5)) != figure_png(rank_figure(s, 60, 40, 2))
+    fig = rank_figure(s, 60, 40, 8)
+    curve, marker = fig.axes[0].lines
+    assert curve.get_ydata()[7] == pytest.approx(0, abs=1e-6) and marker.get_ydata()[0] == rank_report(s, 60, 40, 8).rel_error
+    assert list(curve.get_ydata()[:3]) == pytest.approx([rank_report(s, 60, 40, r).rel_error for r in (1, 2, 3)])
+
+
+def test_memory_calculator_pictures_its_verdict():
+    pytest.importorskip("ipywidgets")
+    from lorakit import MemoryCalculator, check_fit
+    from lorakit.memory import fit_figure
+
+    calc = MemoryCalculator(model="7B", gpu_gb=24)
+    bundle = calc._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert base64.b64decode(bundle["image/png"]) == figure_png(fit_figure(calc.result))
+    fig = fit_figure(calc.result)
+    bars = [p.get_width() for p in fig.axes[0].patches]
+    assert sum(bars) == pytest.approx(calc.result.estimate.total / 1e9)
+    assert fig.axes[0].get_title() == str(check_fit(24, model="7B", method="qlora", bits=4, rank=64, batch_size=1,
+                                                    seq_len=512, gradient_checkpointing=True)).splitlines()[0]
+    calc.controls["method"].value = "full"
+    calc.controls["bits"].value = 4  # impossible: the picture shows why
+    assert calc.result is None and calc.png() == figure_png(text_figure(f"cannot estimate: {calc.error}"))
