@@ -14,7 +14,7 @@ from lorakit.blockwise import (
 from lorakit.codebooks import codebook, create_dynamic_map, dynamic_map, fp4, integer, nf_offset, normal_float
 from lorakit.data import lm_batches, load_documents, perplexity, split_documents, tokenize_blocks
 from lorakit.double_quant import dequantize_absmax, quantize_absmax
-from lorakit.explore import Tradeoff, quantization_tradeoff, tradeoff_widget
+from lorakit.explore import Tradeoff, TradeoffControl, quantization_tradeoff, tradeoff_widget
 from lorakit.finetune import FinetuneConfig, finetune
 from lorakit.finetune.controls import RunBoard, SettingReport, finetune_widget, setting_report
 from lorakit.linear4bit import Linear4bit, dequantize_model, quantize_model
@@ -33,6 +33,7 @@ from lorakit.models import count_parameters, generate, load_base_model, model_by
 from lorakit.paged import PagedOptimizer
 from lorakit.runtime import Runtime, setup
 from lorakit.lab import LabConfig, LabResult, run_lab
+from lorakit.snapshot import Pictured, PicturedControl, figure_png, text_figure
 
 __version__ = "0.1.0"
 
@@ -49,12 +50,15 @@ __all__ = [
     "MemoryLedger",
     "ModelShape",
     "PagedOptimizer",
+    "Pictured",
+    "PicturedControl",
     "QuantState",
     "RunBoard",
     "Runtime",
     "SettingReport",
     "Storage",
     "Tradeoff",
+    "TradeoffControl",
     "add_lora",
     "cache_dir",
     "check_fit",
@@ -68,6 +72,7 @@ __all__ = [
     "dynamic_map",
     "estimate_memory",
     "fetch",
+    "figure_png",
     "finetune",
     "finetune_widget",
     "fp4",
@@ -96,6 +101,7 @@ __all__ = [
     "setup",
     "split_documents",
     "storage",
+    "text_figure",
     "tokenize_blocks",
     "tradeoff_widget",
     "unload_lora",

@@ -30,6 +30,8 @@ from typing import Callable
 
 import torch
 
+from lorakit.snapshot import PicturedControl, default_style, new_figure, text_figure
+
 MB = 10**6  # the QLoRA paper's figures are in MB (10^6 bytes)
 GB = 10**9
 
@@ -592,7 +594,26 @@ def check_fit(gpu_gb: float, **estimate_kwargs) -> FitCheck:
     return FitCheck(estimate_memory(**estimate_kwargs), int(gpu_gb * GB))
 
 
-class MemoryCalculator:
+def fit_figure(check: FitCheck):
+    """The calculator's picture: the estimate's lines stacked into one bar, against the GPU's memory."""
+    with default_style():
+        fig = new_figure(9.0, 2.4)
+        ax = fig.subplots()
+        left = 0.0
+        for (name, n), color in zip(check.estimate.lines().items(), _BAR_COLORS * 3):
+            ax.barh(0, n / GB, left=left, color=color, label=f"{name}: {n / GB:,.2f} GB")
+            left += n / GB
+        ax.axvline(check.gpu_bytes / GB, color="k", ls="--", lw=1.5, label=f"GPU: {check.gpu_bytes / GB:g} GB")
+        ax.set(yticks=[], xlabel="GB (10^9 bytes)", xlim=(0, 1.05 * max(left, check.gpu_bytes / GB)))
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+        ax.set_title(str(check).splitlines()[0], fontsize=10, color="tab:green" if check.fits else "tab:red")
+    return fig
+
+
+_BAR_COLORS = ["tab:blue", "tab:cyan", "tab:purple", "tab:orange", "tab:red", "tab:olive", "tab:gray"]
+
+
+class MemoryCalculator(PicturedControl):
     """A thin ipywidgets front end to :func:`check_fit`: controls in, verdict and breakdown out.
 
     Drive it from code as a learner would with the mouse::
@@ -638,10 +659,11 @@ class MemoryCalculator:
             print(self.result if self.result is not None else f"cannot estimate: {self.error}")
         return self.result
 
-    def _ipython_display_(self):
-        from IPython.display import display
-
-        display(self.widget)
+    def figure(self):
+        """The picture of the current state (the book shows it): :func:`fit_figure`, or the error."""
+        if self.result is None:
+            return text_figure(f"cannot estimate: {self.error}")
+        return fit_figure(self.result)
 
 
 def main(argv: list[str] | None = None) -> int:

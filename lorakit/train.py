@@ -198,6 +198,7 @@ def train(
     bar = tqdm(total=config.steps, initial=result.step, desc="training", disable=not config.progress)
     try:
         while result.step < config.steps:
+            # book: one training step (book/source/training.md shows the lines down to its end marker)
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for micro in range(config.grad_accum):
@@ -211,6 +212,7 @@ def train(
             scheduler.step()
             result.step += 1
             result.losses.append(step_loss)
+            # book: end of one training step
             if config.eval_every and result.step % config.eval_every == 0:
                 evaluate()
                 model.train()

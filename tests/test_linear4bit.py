@@ -153,7 +153,7 @@ def test_tradeoff_widget_drives_from_code():
     pytest.importorskip("ipywidgets")
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
     box = tradeoff_widget(w)
-    bits, kind, blocksize, _ = box.children
+    bits, kind, blocksize = (box.controls[k] for k in ("bits", "quant_type", "blocksize"))
     assert box.result.bits == 4
     bits.value = 8  # the observer recomputes
     assert box.result.bits == 8 and box.result == quantization_tradeoff(w, "nf", 8, 64)

@@ -67,7 +67,9 @@ def lab(tmp_path):
     port, token = free_port(), secrets.token_hex(16)
     cmd = [str(Path(sys.executable).with_name("jupyter-lab")), "--no-browser", "--ip=127.0.0.1",
            f"--port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-           "--LabApp.news_url=None"]
+           "--LabApp.news_url=None",
+           # window.jupyterapp, so a test can wait on the kernel connection's own state (lab.py)
+           "--LabApp.expose_app_in_browser=True"]
     if os.geteuid() == 0:
         cmd.append("--allow-root")
     log = open(tmp_path / "lab.log", "w")

@@ -20,6 +20,24 @@ def open_notebook(page, lab, name: str) -> None:
     page.goto(lab.notebook_url(name))
     page.wait_for_selector(".jp-NotebookPanel .jp-Notebook", timeout=120_000)
     wait_kernel_idle(page)
+    wait_kernel_connected(page)
+
+
+def wait_kernel_connected(page, timeout_ms: int = 120_000) -> None:
+    """Wait until the notebook's kernel connection is up and has had the kernel's info reply.
+
+    A restart sent before that races the first websocket: the server logs "Replacing stale
+    connection", drops the new one, and Run All then waits forever on a kernel that never hears.
+    """
+    page.wait_for_function(
+        """() => {
+            const kernel = window.jupyterapp?.shell.currentWidget?.sessionContext?.session?.kernel;
+            return kernel && kernel.connectionStatus === 'connected';
+        }""",
+        timeout=timeout_ms,
+        polling=200,
+    )
+    page.evaluate("async () => { await window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.info; }")
 
 
 def wait_kernel_idle(page, timeout_ms: int = 120_000) -> None:
@@ -62,3 +80,51 @@ def restart_and_run_all(page, timeout_ms: int = 600_000) -> None:
 
 def error_outputs(page) -> list[str]:
     return page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']").all_inner_texts()
+
+
+# ------------------------------------------------------------- notebook parameters, papermill-style
+def notebook_parameters(path: Path) -> dict:
+    """The literal assignments of a notebook's ``parameters`` cell (``NAME = <literal>``), by name.
+
+    Lines that are not a plain literal assignment (``if rt.device.type == "cuda": ...``) are left out.
+    """
+    import ast
+
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    if len(cells) != 1:
+        raise ValueError(f"{path.name}: expected one cell tagged 'parameters', found {len(cells)}")
+    values = {}
+    for node in ast.parse(cells[0].source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                values[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+    return values
+
+
+def inject_parameters(path: Path, **params) -> None:
+    """Override parameters in a (scratch) notebook the way papermill does: a code cell tagged
+    ``injected-parameters`` right after the ``parameters`` cell, assigning each ``NAME = repr(value)``.
+
+    Only for scratch copies (the ``lab`` fixture's ``lab.root``): never call it on notebooks/.
+    Each name must be a parameter the notebook has, so a renamed knob fails loudly here.
+    """
+    import nbformat
+
+    if Path(path).resolve().parent == ROOT / "notebooks":
+        raise ValueError(f"inject_parameters edits notebooks in place; {path} is a committed notebook, use the lab's scratch copy")
+    known = notebook_parameters(path)
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise ValueError(f"{Path(path).name} has no parameter(s) {unknown}; its parameters are {sorted(known)}")
+    nb = nbformat.read(path, as_version=4)
+    index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    source = "# Injected parameters (tests/browser/lab.py: inject_parameters)\n" + "\n".join(
+        f"{name} = {value!r}" for name, value in params.items()
+    )
+    nb.cells.insert(index + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
+    nbformat.write(nb, path)
