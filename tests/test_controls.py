@@ -10,12 +10,15 @@ import torch
 from tiny_models import ALL_PROJ, tiny_llama
 
 from lorakit import add_lora, count_parameters, estimate_memory, quantization_tradeoff, quantize_model
+from lorakit import figure_png
 from lorakit.finetune.controls import (
     RunBoard,
     SettingReport,
     block_weights,
     check_setting,
     finetune_widget,
+    loss_figure,
+    memory_figure,
     setting_report,
 )
 from lorakit.linear4bit import Linear4bit
@@ -112,6 +115,7 @@ def test_board_passes_the_setting_and_keeps_runs():
     assert "r=4 nf4" in table[3]
     fig = board.figure()
     assert len(fig.axes[0].patches) == 4  # before and after bars for two runs
+    assert board.html().count("<tr>") == 3 and "<td>r=4 nf4</td>" in board.html()
     with pytest.raises(ValueError, match="FP4"):
         board.train(8, 2, "fp")
     assert len(board.runs) == 2
@@ -120,24 +124,28 @@ def test_board_passes_the_setting_and_keeps_runs():
 def test_widget_redraws_when_controls_move_and_train_adds_a_run():
     model = tiny_llama()
     trainer = FakeTrainer()
-    box = finetune_widget(model, RunBoard(trainer=trainer, steps=2), batch_size=2, seq_len=16)
-    rank, bits, kind, report_out, button, progress_out, loss_out, runs_out = box.children
-    assert isinstance(box.report, SettingReport) and box.report.rank == 8
-    rank.value = 32
-    bits.value = 2
-    kind.value = "int"
-    assert box.report == setting_report(model, 32, 2, "int", batch_size=2, seq_len=16)
-    assert "rank 32" in report_out.outputs[0]["text"]
-    assert any("image/png" in o.get("data", {}) for o in report_out.outputs)  # the memory plot
-    kind.value = "fp"  # FP with 2 bits: a message, not a crash
-    assert isinstance(box.report, str) and "FP4 (E2M1) has 4 bits" in box.report
-    assert box.train() is None and trainer.calls == []  # nothing trains on an invalid setting
-    bits.value = 4
-    run = box.train()
-    assert run.label == "r=32 fp4" and len(box.board.runs) == 1 and trainer.calls[0]["rank"] == 32
-    assert any("image/png" in o.get("data", {}) for o in loss_out.outputs)  # the live loss plot
-    assert any("r=32 fp4" in o.get("data", {}).get("text/markdown", "") for o in runs_out.outputs)
-    assert not button.disabled
+    control = finetune_widget(model, RunBoard(trainer=trainer, steps=2), batch_size=2, seq_len=16)
+    assert isinstance(control.report, SettingReport) and control.report.rank == 8
+    first_picture = control.plot.value
+    control.controls["rank"].value = 32
+    control.controls["bits"].value = 2
+    control.controls["quant_type"].value = "int"
+    assert control.report == setting_report(model, 32, 2, "int", batch_size=2, seq_len=16)
+    assert "rank 32" in control.text.value and f"{control.report.trainable_params:,}" in control.text.value
+    assert control.plot.value == figure_png(memory_figure(control.report)) != first_picture
+    control.controls["quant_type"].value = "fp"  # FP with 2 bits: a message, not a crash
+    assert isinstance(control.report, str) and "FP4 (E2M1) has 4 bits" in control.text.value
+    assert control.button.disabled
+    assert control.train() is None and trainer.calls == []  # nothing trains on an invalid setting
+    control.controls["bits"].value = 4
+    assert not control.button.disabled
+    run = control.train()
+    assert run.label == "r=32 fp4" and len(control.board.runs) == 1 and trainer.calls[0]["rank"] == 32
+    assert control.loss_plot.value == figure_png(loss_figure([3.0, 2.5], 2))  # the live plot's last frame
+    assert "r=32 fp4" in control.runs_text.value and control.runs_plot.value == figure_png(control.board.figure())
+    assert not control.button.disabled
+    bundle = control._repr_mimebundle_()  # the live widget and, for the book, a picture of its state
+    assert "application/vnd.jupyter.widget-view+json" in bundle and "image/png" in bundle
 
 
 @pytest.mark.model

@@ -1,8 +1,8 @@
 """The logic behind notebook 06's controls: what one QLoRA setting costs, and a table of short runs.
 
 Widgets stay thin (STYLE.md): :func:`setting_report` computes everything a control shows and
-:class:`RunBoard` keeps the runs; both are tested without a browser. :func:`finetune_widget`
-only wires ipywidgets to them.
+:class:`RunBoard` keeps the runs; both are tested without a browser. :class:`FinetuneControl`
+(``finetune_widget``) only wires ipywidgets to them.
 
 For one setting of rank ``r``, bit width ``k`` and data type (NF, Int, FP), the report shows
 
@@ -15,14 +15,16 @@ For one setting of rank ``r``, bit width ``k`` and data type (NF, Int, FP), the 
 
 from __future__ import annotations
 
-import io
+import html
 import time
 from dataclasses import dataclass, field
 
 import torch
+from matplotlib.figure import Figure
 
 from lorakit.explore import Tradeoff, quantization_tradeoff
 from lorakit.memory import MB, MemoryEstimate, estimate_memory, lora_params, model_shape
+from lorakit.snapshot import PicturedControl, default_style, figure_png, new_figure, text_figure
 
 BITS = (2, 3, 4, 8)
 QUANT_TYPES = ("nf", "int", "fp")
@@ -189,131 +191,154 @@ class RunBoard:
                         f"{r.ppl_after:.2f} | {r.ppl_change:+.1%} | {r.seconds:.0f} |")
         return "\n".join(rows)
 
-    def figure(self):
-        """Held-out perplexity before and after each run, as a bar chart."""
-        import matplotlib.pyplot as plt
+    def html(self) -> str:
+        """The runs as an HTML table (what the widget shows)."""
+        head = "".join(f"<th>{h}</th>" for h in ("run", "setting", "steps", "trainable", "ppl before", "ppl after",
+                                                   "change", "seconds"))
+        rows = "".join(
+            f"<tr><td>{i}</td><td>{r.label}</td><td>{r.steps}</td><td>{r.trainable_params:,}</td>"
+            f"<td>{r.ppl_before:.2f}</td><td>{r.ppl_after:.2f}</td><td>{r.ppl_change:+.1%}</td>"
+            f"<td>{r.seconds:.0f}</td></tr>"
+            for i, r in enumerate(self.runs, 1)
+        )
+        return f"<table><tr>{head}</tr>{rows}</table>"
 
-        fig, ax = plt.subplots(figsize=(6, 2.8), dpi=80)
-        labels = [f"{i}: {r.label}" for i, r in enumerate(self.runs, 1)]
-        x = torch.arange(len(self.runs)).float()
-        ax.bar(x - 0.2, [r.ppl_before for r in self.runs], width=0.4, label="before")
-        ax.bar(x + 0.2, [r.ppl_after for r in self.runs], width=0.4, label="after")
-        ax.set_xticks(x.tolist(), labels, rotation=20, ha="right")
-        ax.set_ylabel("held-out perplexity")
-        ax.set_title("runs")
-        ax.legend()
-        fig.tight_layout()
+    def figure(self) -> Figure:
+        """Held-out perplexity before and after each run, as a bar chart."""
+        with default_style():
+            fig = new_figure(7.5, 2.6)
+            ax = fig.add_subplot()
+            labels = [f"{i}: {r.label}" for i, r in enumerate(self.runs, 1)]
+            x = list(range(len(self.runs)))
+            ax.bar([i - 0.2 for i in x], [r.ppl_before for r in self.runs], width=0.4, label="before")
+            ax.bar([i + 0.2 for i in x], [r.ppl_after for r in self.runs], width=0.4, label="after")
+            ax.set_xticks(x, labels, rotation=20, ha="right")
+            ax.set_ylabel("held-out perplexity")
+            ax.set_title("runs")
+            ax.legend()
         return fig
 
 
-def memory_figure(report: SettingReport):
-    """The memory lines of one setting beside LoRA on a 16/32-bit base, as stacked bars (MB)."""
-    import matplotlib.pyplot as plt
+def memory_figure(report: SettingReport | str) -> Figure:
+    """The memory lines of one setting beside LoRA on an unquantized base, as stacked bars (MB).
 
-    fig, ax = plt.subplots(figsize=(6, 2.4), dpi=80)
-    for row, estimate in ((0, report.memory), (1, report.lora_memory)):
-        left = 0.0
-        for i, (name, value) in enumerate(estimate.lines().items()):
-            mb = value / MB
-            ax.barh(row, mb, left=left, color=f"C{i}", label=name if row == 0 else None)
-            left += mb
-        ax.text(left, row, f" {left:,.0f} MB", va="center")
-    ax.set_yticks([0, 1], [f"QLoRA {report.quant_type}{report.bits}", "LoRA"])
-    ax.set_xlabel("MB for one training step")
-    ax.set_title(f"rank {report.rank}: {report.trainable_params:,} trainable params, "
-                 f"quantization error {report.quantization.relative_error:.1%}")
-    ax.legend(fontsize=7, loc="lower right")
-    ax.margins(x=0.25)
-    fig.tight_layout()
-    return fig
-
-
-def loss_figure(losses: list[float], total_steps: int | None = None):
-    """The training loss per step so far (the live plot while a run trains)."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 2.4), dpi=80)
-    ax.plot(range(1, len(losses) + 1), losses, marker=".")
-    if total_steps:
-        ax.set_xlim(0, total_steps + 1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    fig.tight_layout()
-    return fig
-
-
-def finetune_widget(model: torch.nn.Module, board: RunBoard | None = None, rank: int = 8, bits: int = 4,
-                    quant_type: str = "nf", **report_settings):
-    """Rank and bit-width controls that redraw the report at once, and a Train button for the board.
-
-    Returns an ``ipywidgets.VBox`` with
-    ``children = [rank, bits, quant_type, report, train, progress, loss, runs]``;
-    ``box.update()`` recomputes the report, ``box.train()`` does what the button does,
-    ``box.report`` is the last :class:`SettingReport` (or the error text for an invalid setting) and
-    ``box.board`` the :class:`RunBoard`.
+    An invalid setting (the error text) is drawn as text: the picture always says what is shown.
     """
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
-    from IPython.display import Image, Markdown
+    if isinstance(report, str):
+        return text_figure(report, title="invalid setting")
+    with default_style():
+        fig = new_figure(7.5, 2.6)
+        ax = fig.add_subplot()
+        for row, estimate in ((0, report.memory), (1, report.lora_memory)):
+            left = 0.0
+            for i, (name, value) in enumerate(estimate.lines().items()):
+                mb = value / MB
+                ax.barh(row, mb, left=left, color=f"C{i}", label=name if row == 0 else None)
+                left += mb
+            ax.text(left, row, f" {left:,.0f} MB", va="center")
+        ax.set_yticks([0, 1], [f"QLoRA {report.quant_type}{report.bits}", "LoRA"])
+        ax.set_xlabel("MB for one training step (estimated)")
+        ax.set_title(f"rank {report.rank}: {report.trainable_params:,} trainable params, "
+                     f"quantization error {report.quantization.relative_error:.1%}", fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.margins(x=0.3)
+    return fig
 
-    weights = block_weights(model)
-    board = board or RunBoard()
-    rank_w = widgets.IntSlider(value=rank, min=RANKS[0], max=RANKS[1], description="rank",
-                               continuous_update=False)
-    bits_w = widgets.SelectionSlider(options=list(BITS), value=bits, description="bits", continuous_update=False)
-    kind_w = widgets.Dropdown(options=list(QUANT_TYPES), value=quant_type, description="data type")
-    report_out = widgets.Output()
-    button = widgets.Button(description="Train", button_style="primary", icon="play")
-    progress_out = widgets.Output()  # the tqdm bar of the running fine-tune
-    loss_out = widgets.Output()  # the live loss plot
-    runs_out = widgets.Output()
-    box = widgets.VBox([rank_w, bits_w, kind_w, report_out, button, progress_out, loss_out, runs_out])
-    box.board = board
-    box.report = None
 
-    def show(out, *objects) -> None:
-        """Replace what ``out`` shows (setting ``outputs`` works with or without a running kernel)."""
-        out.outputs = ()
-        for obj in objects:
-            if isinstance(obj, str):
-                out.append_stdout(obj + "\n")
-            elif isinstance(obj, plt.Figure):  # as PNG bytes: the same with or without a kernel
-                buffer = io.BytesIO()
-                obj.savefig(buffer, format="png")
-                plt.close(obj)
-                out.append_display_data(Image(data=buffer.getvalue(), format="png"))
-            else:
-                out.append_display_data(obj)
+def loss_figure(losses: list[float], total_steps: int | None = None) -> Figure:
+    """The training loss per step so far (the live plot while a run trains)."""
+    with default_style():
+        fig = new_figure(7.5, 2.2)
+        ax = fig.add_subplot()
+        ax.plot(range(1, len(losses) + 1), losses, marker=".")
+        if total_steps:
+            ax.set_xlim(0, total_steps + 1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+    return fig
 
-    def update(*_):
+
+class FinetuneControl(PicturedControl):
+    """Rank and bit-width controls that redraw the report at once, and a Train button for a :class:`RunBoard`.
+
+    ``controls`` holds the ipywidgets by name (``"rank"``, ``"bits"``, ``"quant_type"``); setting a
+    control's ``value`` from code recomputes, as moving it with the mouse does. ``report`` is the
+    last :class:`SettingReport` (or the error text of an invalid setting); ``train()`` does what the
+    button does; ``board`` keeps the runs. The picture (for readers without a kernel) is the
+    report's :func:`memory_figure`.
+    """
+
+    def __init__(self, model: torch.nn.Module, board: RunBoard | None = None, rank: int = 8, bits: int = 4,
+                 quant_type: str = "nf", **report_settings):
+        import ipywidgets as widgets
+
+        self.model, self.report_settings = model, report_settings
+        self.weights = block_weights(model)
+        self.board = board or RunBoard()
+        self.controls = {
+            "rank": widgets.IntSlider(value=rank, min=RANKS[0], max=RANKS[1], description="rank",
+                                      continuous_update=False),
+            "bits": widgets.SelectionSlider(options=list(BITS), value=bits, description="bits",
+                                            continuous_update=False),
+            "quant_type": widgets.Dropdown(options=list(QUANT_TYPES), value=quant_type, description="data type"),
+        }
+        self.text = widgets.HTML()
+        self.plot = widgets.Image(format="png")
+        self.button = widgets.Button(description="Train", button_style="primary", icon="play")
+        self.progress = widgets.Output()  # the tqdm bar of the running fine-tune
+        self.loss_plot = widgets.Image(format="png")
+        self.runs_text = widgets.HTML()
+        self.runs_plot = widgets.Image(format="png")
+        parts = {**self.controls, "report": self.text, "plot": self.plot, "train": self.button,
+                 "progress": self.progress, "loss": self.loss_plot, "runs": self.runs_text, "runs-plot": self.runs_plot}
+        for name, part in parts.items():
+            part.add_class(f"lorakit-finetune-{name}")  # for the browser tests' selectors
+        self.widget = widgets.VBox(list(parts.values()))
+        self.report: SettingReport | str | None = None
+        for control in self.controls.values():
+            control.observe(lambda change: self.update(), names="value")
+        self.button.on_click(lambda button: self.train())
+        self.update()
+
+    def settings(self) -> dict:
+        return {name: control.value for name, control in self.controls.items()}
+
+    def update(self) -> SettingReport | str:
+        """Recompute the report from the controls; show the picture, then the text."""
+        s = self.settings()
         try:
-            box.report = setting_report(model, rank_w.value, bits_w.value, kind_w.value,
-                                        weights=weights, **report_settings)
+            self.report = setting_report(self.model, s["rank"], s["bits"], s["quant_type"], weights=self.weights,
+                                         **self.report_settings)
         except ValueError as err:
-            box.report = str(err)
-        if isinstance(box.report, SettingReport):
-            show(report_out, str(box.report), memory_figure(box.report))
-        else:
-            show(report_out, box.report)
+            self.report = str(err)
+        self.plot.value = self.png()  # the picture first: once the text shows a setting, so does the plot
+        self.text.value = f"<pre>{html.escape(str(self.report))}</pre>"
+        self.button.disabled = not isinstance(self.report, SettingReport)
+        return self.report
 
-    def train(*_):
-        if not isinstance(box.report, SettingReport):
+    def figure(self) -> Figure:
+        return memory_figure(self.report)
+
+    def train(self) -> Run | None:
+        """Run a short fine-tune at the current setting (nothing for an invalid one); add it to the runs."""
+        if not isinstance(self.report, SettingReport):
             return None
-        button.disabled = True
+        s = self.settings()
+        steps = self.board.train_settings.get("steps")
+        self.button.disabled = True
         try:
-            steps = board.train_settings.get("steps")
-            progress_out.outputs = ()
-            with progress_out:  # the tqdm bar shows here
-                run = board.train(rank_w.value, bits_w.value, kind_w.value,
-                                  on_step=lambda r: show(loss_out, loss_figure(r.losses, steps)))
-            show(runs_out, Markdown(board.table()), board.figure())
+            self.progress.outputs = ()
+            with self.progress:  # the tqdm bar shows here
+                run = self.board.train(s["rank"], s["bits"], s["quant_type"],
+                                       on_step=lambda r: setattr(self.loss_plot, "value",
+                                                                 figure_png(loss_figure(r.losses, steps))))
+            self.runs_plot.value = figure_png(self.board.figure())
+            self.runs_text.value = self.board.html()
             return run
         finally:
-            button.disabled = False
+            self.button.disabled = False
 
-    for control in (rank_w, bits_w, kind_w):
-        control.observe(update, names="value")
-    button.on_click(train)
-    box.update, box.train = update, train
-    update()
-    return box
+
+def finetune_widget(model: torch.nn.Module, board: RunBoard | None = None, **settings) -> FinetuneControl:
+    """Notebook 06's controls on ``model`` (unquantized, for its shapes and weights): see :class:`FinetuneControl`."""
+    return FinetuneControl(model, board, **settings)
