@@ -28,7 +28,8 @@ from lorakit.memory import (
     memory_ledger,
     quantized_bits_per_param,
 )
-from lorakit.models import count_parameters, generate, load_base_model, model_bytes
+from lorakit.merge import MERGE_STRATEGIES, logit_error, merge_qlora
+from lorakit.models import count_parameters, generate, load_base_model, model_bytes, tokens_per_second
 from lorakit.paged import PagedOptimizer
 from lorakit.runtime import Runtime, setup
 
@@ -40,6 +41,7 @@ __all__ = [
     "FinetuneConfig",
     "Linear4bit",
     "LoRALinear",
+    "MERGE_STRATEGIES",
     "MemoryCalculator",
     "MemoryEstimate",
     "MemoryLedger",
@@ -70,9 +72,11 @@ __all__ = [
     "load_adapter",
     "load_base_model",
     "load_documents",
+    "logit_error",
     "lora_layers",
     "memory_ledger",
     "merge_lora",
+    "merge_qlora",
     "model_bytes",
     "nf_offset",
     "normal_float",
@@ -88,6 +92,7 @@ __all__ = [
     "split_documents",
     "storage",
     "tokenize_blocks",
+    "tokens_per_second",
     "tradeoff_widget",
     "unload_lora",
     "unmerge_lora",
