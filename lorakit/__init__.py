@@ -28,7 +28,7 @@ from lorakit.memory import (
     memory_ledger,
     quantized_bits_per_param,
 )
-from lorakit.merge import MERGE_STRATEGIES, logit_error, merge_qlora
+from lorakit.merge import MERGE_STRATEGIES, codes_changed, logit_error, merge_qlora
 from lorakit.models import count_parameters, generate, load_base_model, model_bytes, tokens_per_second
 from lorakit.paged import PagedOptimizer
 from lorakit.runtime import Runtime, setup
@@ -55,6 +55,7 @@ __all__ = [
     "cache_dir",
     "check_fit",
     "codebook",
+    "codes_changed",
     "count_parameters",
     "create_dynamic_map",
     "dequantize_4bit",

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from lorakit.blockwise import quantize_blockwise
+from lorakit.blockwise import quantize_blockwise, unpack_codes
 from lorakit.codebooks import widest_gap
 from lorakit.double_quant import dequantize_absmax
 from lorakit.linear4bit import Linear4bit, _set_module, dequantize_model
@@ -146,6 +146,24 @@ def _check_quantized_from(w0: torch.Tensor, q: Linear4bit, key: str) -> None:
             f"weight by {error[worst]:.3g}, more than rounding allows ({allowed[worst]:.3g}); "
             "pass the model that was quantized"
         )
+
+
+def codes_changed(before: nn.Module, after: nn.Module) -> float:
+    """The fraction of k-bit codes that differ between two 4-bit models with the same layers.
+
+    For QLoRA's base and its re-quantized merge (b): how much of ``(alpha / r) B A`` was large
+    enough to move a weight to another code; the rest was rounded away.
+    """
+    a, b = _four_bit_layers(before), _four_bit_layers(after)
+    if not a or a.keys() != b.keys():
+        raise ValueError(f"the models' 4-bit layers differ: {len(a)} and {len(b)} layers, "
+                         f"{len(a.keys() ^ b.keys())} names in one only; compare two quantizations of one model")
+    changed = total = 0
+    for name, qa in a.items():
+        qb, n = b[name], qa.out_features * qa.in_features
+        changed += int((unpack_codes(qa.weight_packed, qa.bits, n) != unpack_codes(qb.weight_packed, qb.bits, n)).sum())
+        total += n
+    return changed / total
 
 
 @torch.no_grad()
