@@ -28,7 +28,7 @@ from lorakit.memory import (
     memory_ledger,
     quantized_bits_per_param,
 )
-from lorakit.merge import MERGE_STRATEGIES, codes_changed, logit_error, merge_qlora
+from lorakit.merge import MERGE_STRATEGIES, Comparison, codes_changed, compare_logits, merge_qlora
 from lorakit.models import count_parameters, generate, load_base_model, model_bytes, tokens_per_second
 from lorakit.paged import PagedOptimizer
 from lorakit.runtime import Runtime, setup
@@ -38,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdamW8bit",
     "AssetError",
+    "Comparison",
     "FinetuneConfig",
     "Linear4bit",
     "LoRALinear",
@@ -56,6 +57,7 @@ __all__ = [
     "check_fit",
     "codebook",
     "codes_changed",
+    "compare_logits",
     "count_parameters",
     "create_dynamic_map",
     "dequantize_4bit",
@@ -73,7 +75,6 @@ __all__ = [
     "load_adapter",
     "load_base_model",
     "load_documents",
-    "logit_error",
     "lora_layers",
     "memory_ledger",
     "merge_lora",

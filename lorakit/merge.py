@@ -22,7 +22,9 @@ writes and ``AutoModelForCausalLM.from_pretrained`` reads back without lorakit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -166,14 +168,40 @@ def codes_changed(before: nn.Module, after: nn.Module) -> float:
     return changed / total
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """One model measured against a reference model on the same held-out tokens."""
+
+    max_error: float  # max |logits - reference logits|
+    mean_error: float  # mean |logits - reference logits|
+    perplexity: float  # the model's own held-out perplexity
+
+
 @torch.no_grad()
-def logit_error(model: nn.Module, reference: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> tuple[float, float]:
-    """``(max, mean)`` absolute difference of the two models' logits on ``(N, T)`` token blocks."""
-    worst, total, count = 0.0, 0.0, 0
+def compare_logits(
+    reference: nn.Module, models: Mapping[str, nn.Module], blocks: torch.Tensor, batch_size: int = 4
+) -> dict[str, Comparison]:
+    """Each model's logit error against ``reference`` and its perplexity, on ``(N, T)`` token blocks.
+
+    One reference forward per batch serves every model; the perplexity is computed from the same
+    logits as ``lorakit.data.perplexity`` computes it (exp of the mean next-token cross-entropy).
+    """
+    device = next(reference.parameters()).device
+    worst = dict.fromkeys(models, 0.0)
+    error_sum, loss_sum = dict.fromkeys(models, 0.0), dict.fromkeys(models, 0.0)
+    n_logits = n_targets = 0
     for start in range(0, len(blocks), batch_size):
-        ids = blocks[start : start + batch_size]  # (B, T)
-        a = model(input_ids=ids.to(next(model.parameters()).device)).logits.float()  # (B, T, vocab)
-        b = reference(input_ids=ids.to(next(reference.parameters()).device)).logits.float().to(a.device)
-        diff = (a - b).abs()
-        worst, total, count = max(worst, diff.max().item()), total + diff.sum().item(), count + diff.numel()
-    return worst, total / count
+        ids = blocks[start : start + batch_size].to(device)  # (B, T)
+        ref = reference(input_ids=ids).logits.float()  # (B, T, vocab)
+        targets = ids[:, 1:].flatten()  # (B * (T - 1),) each position predicts the next token
+        n_logits, n_targets = n_logits + ref.numel(), n_targets + targets.numel()
+        for name, model in models.items():
+            logits = model(input_ids=ids).logits.float()  # (B, T, vocab)
+            error = (logits - ref).abs()
+            worst[name] = max(worst[name], error.max().item())
+            error_sum[name] += error.sum().item()
+            loss_sum[name] += nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets, reduction="sum").item()
+    return {
+        name: Comparison(worst[name], error_sum[name] / n_logits, math.exp(loss_sum[name] / n_targets))
+        for name in models
+    }

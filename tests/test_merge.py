@@ -22,9 +22,10 @@ from lorakit import (
     Linear4bit,
     add_lora,
     codes_changed,
-    logit_error,
+    compare_logits,
     lora_layers,
     merge_qlora,
+    perplexity,
     quantize_model,
     tokens_per_second,
     unload_lora,
@@ -209,30 +210,16 @@ def test_lora_merge_on_a_4bit_base_points_to_merge_qlora(tiny):
         unload_lora(model)
 
 
-def test_logit_error(tiny):
+def test_compare_logits(tiny):
     model = qlora(tiny)
     blocks = torch.randint(0, 64, (5, 9), generator=torch.Generator().manual_seed(3))  # (N, T), 5 = 2 + 2 + 1
-    assert logit_error(model, model, blocks, batch_size=2) == (0.0, 0.0)
-    diff = (logits(model, blocks) - logits(tiny, blocks)).abs()
-    worst, mean = logit_error(model, tiny, blocks, batch_size=2)
-    assert worst == diff.max().item() and math.isclose(mean, diff.mean().item(), rel_tol=1e-5)
-
-
-def test_codes_changed(tiny):
-    zero_B = add_lora(quantize_model(copy.deepcopy(tiny)), ALL_PROJ, r=4, alpha=8)
-    assert codes_changed(zero_B, merge_qlora(copy.deepcopy(zero_B), "requantized")) == 0.0  # dW = 0 moves nothing
-    model = qlora(tiny)
-    merged = merge_qlora(copy.deepcopy(model), "requantized")
-    moved = total = 0
-    for name, layer in lora_layers(model).items():
-        before, after = layer.base_layer, merged.get_submodule(name)
-        old = torch.stack([before.weight_packed >> 4, before.weight_packed & 15], dim=-1)  # two codes per byte
-        new = torch.stack([after.weight_packed >> 4, after.weight_packed & 15], dim=-1)
-        moved, total = moved + int((old != new).sum()), total + before.in_features * before.out_features
-    assert 0 < codes_changed(model, merged) == moved / total < 1
-    only_q = quantize_model(copy.deepcopy(tiny), skip=("lm_head", *(p for p in ALL_PROJ if p != "q_proj")))
-    with pytest.raises(ValueError, match="the models' 4-bit layers differ: 14 and 2 layers, 12 names in one only"):
-        codes_changed(model, only_q)
+    result = compare_logits(tiny, {"base": tiny, "qlora": model}, blocks, batch_size=2)
+    assert (result["base"].max_error, result["base"].mean_error) == (0.0, 0.0)
+    diff = (logits(model, blocks) - logits(tiny, blocks)).abs()  # (N, T, vocab)
+    assert result["qlora"].max_error == diff.max().item()
+    assert math.isclose(result["qlora"].mean_error, diff.mean().item(), rel_tol=1e-5)
+    for name, m in (("base", tiny), ("qlora", model)):  # the perplexity of lorakit.data, from the same logits
+        assert math.isclose(result[name].perplexity, perplexity(m, blocks), rel_tol=1e-5), name
 
 
 # ---------------------------------------------------------------- tokens per second
