@@ -29,7 +29,8 @@ from lorakit.memory import (
     memory_ledger,
     quantized_bits_per_param,
 )
-from lorakit.models import count_parameters, generate, load_base_model, model_bytes
+from lorakit.merge import MERGE_STRATEGIES, Comparison, codes_changed, compare_logits, merge_qlora
+from lorakit.models import count_parameters, generate, load_base_model, model_bytes, tokens_per_second
 from lorakit.paged import PagedOptimizer
 from lorakit.runtime import Runtime, setup
 from lorakit.lab import LabConfig, LabResult, run_lab
@@ -40,11 +41,13 @@ __version__ = "0.1.0"
 __all__ = [
     "AdamW8bit",
     "AssetError",
+    "Comparison",
     "FinetuneConfig",
     "LabConfig",
     "LabResult",
     "Linear4bit",
     "LoRALinear",
+    "MERGE_STRATEGIES",
     "MemoryCalculator",
     "MemoryEstimate",
     "MemoryLedger",
@@ -63,6 +66,8 @@ __all__ = [
     "cache_dir",
     "check_fit",
     "codebook",
+    "codes_changed",
+    "compare_logits",
     "count_parameters",
     "create_dynamic_map",
     "dequantize_4bit",
@@ -85,6 +90,7 @@ __all__ = [
     "lora_layers",
     "memory_ledger",
     "merge_lora",
+    "merge_qlora",
     "model_bytes",
     "nf_offset",
     "normal_float",
@@ -103,6 +109,7 @@ __all__ = [
     "storage",
     "text_figure",
     "tokenize_blocks",
+    "tokens_per_second",
     "tradeoff_widget",
     "unload_lora",
     "unmerge_lora",

@@ -29,7 +29,8 @@ class LoRALinear(nn.Module):
 
     ``base_layer`` is any module with ``in_features``, ``out_features`` and a ``forward``; the
     LoRA path is computed beside it, never inside it, so a quantized base layer can be wrapped
-    too. Only an ``nn.Linear`` base can be merged.
+    too. Only an ``nn.Linear`` base can be merged in place; a QLoRA model (a ``Linear4bit`` base)
+    is merged by ``lorakit.merge_qlora``, which chooses what the merged weight becomes.
     """
 
     def __init__(
@@ -104,7 +105,13 @@ class LoRALinear(nn.Module):
 
     def _check_mergeable(self, what: str) -> None:
         base = self.base_layer
-        if not isinstance(base, nn.Linear) or not base.weight.is_floating_point():  # e.g. a 4-bit weight
+        if isinstance(base, Linear4bit):  # W0 + dW has no 4-bit home: which one to build is a choice
+            raise NotImplementedError(
+                f"cannot {what} LoRA into a Linear4bit base layer in place: W0 + (alpha / r) B A is not a 4-bit "
+                "weight. Use lorakit.merge_qlora(model, strategy) with strategy 'dequantized' (16-bit), "
+                "'requantized' (4-bit again) or 'original' (the unquantized W0); notebook 07 compares them"
+            )
+        if not isinstance(base, nn.Linear) or not base.weight.is_floating_point():  # e.g. a packed 4-bit weight
             raise NotImplementedError(
                 f"cannot {what} LoRA into a {type(self.base_layer).__name__} base layer; only an nn.Linear "
                 "with a floating-point weight can be merged (dequantize the base layer first)"

@@ -67,6 +67,30 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 40, chat: bool
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
+@torch.no_grad()
+def tokens_per_second(model, tokenizer, prompt: str, new_tokens: int = 32, repeats: int = 3) -> float:
+    """Greedy decoding speed: ``new_tokens`` generated after ``prompt``, divided by the median time.
+
+    Exactly ``new_tokens`` are generated (the end-of-text token does not stop early), so models that
+    answer differently are timed on the same amount of work; the time includes reading the prompt.
+    One untimed warm-up run first, then the median of ``repeats`` (``lorakit.steps.median_time``).
+    """
+    from lorakit.steps import median_time
+
+    if new_tokens < 1 or repeats < 1:
+        raise ValueError(f"need new_tokens >= 1 and repeats >= 1, got new_tokens={new_tokens}, repeats={repeats}")
+    inputs = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def run():
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=pad)
+        if inputs["input_ids"].is_cuda:
+            torch.cuda.synchronize()  # the clock must wait for the GPU
+
+    return new_tokens / median_time(run, repeats=repeats, warmup=1)
+
+
 class ParameterCount(NamedTuple):
     trainable: int
     total: int
