@@ -194,7 +194,7 @@ def merged_no_latency(runs: dict) -> Finding:
 def qlora_merge_needs_dequant(runs: dict) -> Finding:
     inf, ppl = runs["inference"], runs["inference"]["ppl"]
     d = ppl["qlora_merged"] / ppl["qlora"] - 1
-    measured = (f"merge_lora into the 4-bit base: {inf['qlora_merge_into_4bit']}; after dequantize_model: merged, "
+    measured = (f"merge_lora into the 4-bit base: {inf['qlora_merge_into_4bit']}; merged into the dequantized weights (merge_qlora): "
                 f"perplexity {ppl['qlora_merged']:.3f} vs {ppl['qlora']:.3f} unmerged (max logit difference "
                 f"{inf['qlora_merge_max_logit_diff']:.1e}); merged weights {_mb(inf['weight_bytes']['qlora_merged'])} "
                 f"vs {_mb(inf['weight_bytes']['qlora'])} in 4 bit; merged then re-quantized to NF4: perplexity "

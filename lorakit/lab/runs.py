@@ -30,8 +30,9 @@ from lorakit.adapter import load_adapter, save_adapter
 from lorakit.blockwise import storage
 from lorakit.data import perplexity, tokenize_blocks, split_documents
 from lorakit.finetune import FinetuneConfig, finetune, load_data
-from lorakit.linear4bit import Linear4bit, dequantize_model, quantize_model
+from lorakit.linear4bit import Linear4bit, quantize_model
 from lorakit.lora import merge_lora, unload_lora
+from lorakit.merge import merge_qlora
 from lorakit.memory import memory_ledger, resident_peak, weight_bytes_by_dtype
 from lorakit.models import DEFAULT_MODEL, count_parameters, load_base_model, model_bytes
 from lorakit.paged import PagedOptimizer
@@ -261,11 +262,12 @@ def train_run(name: str, settings: dict, adapter_dir: str | None) -> dict:
 def merge_adapter(model: torch.nn.Module) -> torch.nn.Module:
     """Merge every LoRA update into its base weight and drop the wrappers; returns the plain model.
 
-    A 4-bit base cannot absorb ``(alpha / r) B A`` (its weights are codes), so QLoRA's base is
-    dequantized first (``dequantize_model``): the merged model holds full-precision weights.
+    A 4-bit base cannot absorb ``(alpha / r) B A`` (its weights are codes), so QLoRA's adapter is
+    merged into the dequantized weights (``merge_qlora``'s strategy "dequantized", notebook 07):
+    the merged model holds full-precision weights.
     """
     if any(isinstance(m, Linear4bit) for m in model.modules()):
-        dequantize_model(model)
+        return merge_qlora(model, "dequantized")
     return unload_lora(model)
 
 
