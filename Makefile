@@ -11,8 +11,10 @@ TORCH  ?= torch
 # Lab server: LAB_IP=0.0.0.0 to reach it from another machine (mind the token it prints).
 LAB_IP   ?= 127.0.0.1
 LAB_PORT ?= 8888
-# Notebook tests run one notebook per worker.
+# Notebook tests run one notebook per worker; each test process gets TEST_THREADS torch threads,
+# so that two workers do not fight over two cores (oversubscribed, a step ran 3-30x slower).
 NBVAL_WORKERS ?= 2
+TEST_THREADS  ?= 1
 CHROMIUM ?= chromium
 
 PY    := $(VENV)/bin/python
@@ -52,10 +54,10 @@ lab: assets
 		--ServerApp.root_dir=notebooks $(ROOT_FLAG)
 
 unit: assets
-	$(PY) -m pytest tests -q -n $(NBVAL_WORKERS) --ignore=tests/browser
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest tests -q -n $(NBVAL_WORKERS) --ignore=tests/browser
 
 notebooks: assets
-	$(PY) -m pytest notebooks -q -n $(NBVAL_WORKERS) --dist loadfile \
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest notebooks -q -n $(NBVAL_WORKERS) --dist loadfile \
 		--nbval-lax --nbval-current-env --nbval-cell-timeout=1200 \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg
 

@@ -78,6 +78,35 @@ def restart_and_run_all(page, timeout_ms: int = 600_000) -> None:
     )
 
 
+def wait_for_text(page, selector: str, text: str, exact: bool = True, timeout_ms: int = 120_000) -> None:
+    """Wait until the element shows ``text`` (trimmed, exactly, or containing it), then until the kernel is idle."""
+    check = "=== text" if exact else ".includes(text)"
+    page.wait_for_function(
+        f"([selector, text]) => document.querySelector(selector)?.innerText.trim(){check}",
+        arg=[selector, text.strip()],
+        timeout=timeout_ms,
+        polling=200,
+    )
+    wait_kernel_idle(page)
+
+
+def shown_png(page, selector: str) -> bytes:
+    """The bytes of the image an ipywidgets Image shows (a blob: URL), fetched inside the page."""
+    import base64
+
+    encoded = page.evaluate(
+        """async (selector) => {
+            const img = document.querySelector(selector);
+            const bytes = new Uint8Array(await (await fetch(img.src)).arrayBuffer());
+            let s = '';
+            for (const b of bytes) s += String.fromCharCode(b);
+            return btoa(s);
+        }""",
+        selector,
+    )
+    return base64.b64decode(encoded)
+
+
 def error_outputs(page) -> list[str]:
     return page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']").all_inner_texts()
 

@@ -7,10 +7,17 @@ weight, computed here in the test process.
 
 from __future__ import annotations
 
-import base64
-
 import pytest
-from lab import ROOT, error_outputs, notebook_parameters, open_notebook, restart_and_run_all, screenshot, wait_kernel_idle
+from lab import (
+    ROOT,
+    error_outputs,
+    notebook_parameters,
+    open_notebook,
+    restart_and_run_all,
+    screenshot,
+    shown_png,
+    wait_for_text,
+)
 
 from lorakit import load_base_model, quantization_tradeoff
 from lorakit.explore import tradeoff_figure
@@ -32,40 +39,19 @@ def shown_text(page) -> str:
     return page.locator(CONTROL + "result").inner_text().strip()
 
 
-def shown_png(page) -> bytes:
-    """The bytes of the image the plot widget shows (a blob: URL), fetched inside the page."""
-    encoded = page.evaluate(
-        """async (selector) => {
-            const img = document.querySelector(selector);
-            const bytes = new Uint8Array(await (await fetch(img.src)).arrayBuffer());
-            let s = '';
-            for (const b of bytes) s += String.fromCharCode(b);
-            return btoa(s);
-        }""",
-        CONTROL + "plot",
-    )
-    return base64.b64decode(encoded)
-
-
 def expect_shown(page, w, quant_type: str, bits: int, blocksize: int, name: str) -> None:
     """Wait until the control shows this setting's text, then check text and plot against lorakit."""
     try:
         expected = str(quantization_tradeoff(w, quant_type, bits, blocksize))
     except ValueError as err:  # an invalid combination shows the reason
         expected = str(err)
-    page.wait_for_function(
-        "([selector, text]) => document.querySelector(selector)?.innerText.trim() === text",
-        arg=[CONTROL + "result", expected],
-        timeout=120_000,
-        polling=200,
-    )
-    wait_kernel_idle(page)
+    wait_for_text(page, CONTROL + "result", expected)
     page.locator(CONTROL + "plot").scroll_into_view_if_needed()
     screenshot(page, f"04_control-{name}")
     assert page.locator(CONTROL + "bits .widget-readout").inner_text().strip() == str(bits)
     assert shown_text(page) == expected
     # the plot was updated before the text, so it already shows this setting
-    assert shown_png(page) == figure_png(tradeoff_figure(w, quant_type, bits, blocksize)), f"plot of {name}"
+    assert shown_png(page, CONTROL + "plot") == figure_png(tradeoff_figure(w, quant_type, bits, blocksize)), f"plot of {name}"
 
 
 def handle_x(page, bits: int) -> float:
