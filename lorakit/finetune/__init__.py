@@ -21,6 +21,7 @@ import json
 import os
 import resource
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -197,8 +198,13 @@ def _build_hf(config: FinetuneConfig, device, dtype):
     if config.method != "qlora" and device is not None:
         model = model.to(device)
     if config.method in ("lora", "qlora"):
-        model = get_peft_model(model, LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.targets),
-                                                 lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"))
+        lora_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.targets),
+                                 lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        with warnings.catch_warnings():
+            # peft 0.21 asks transformers 5 for the renamed is_gradient_checkpointing: a FutureWarning
+            # about peft's code, not the learner's, and its text shows a machine path.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, lora_config)
     model.eval()
     return model, tokenizer
 

@@ -229,11 +229,16 @@ def memory_figure(report: SettingReport | str) -> Figure:
     with default_style():
         fig = new_figure(7.5, 2.6)
         ax = fig.add_subplot()
-        for row, estimate in ((0, report.memory), (1, report.lora_memory)):
+        rows = ((0, report.memory), (1, report.lora_memory))
+        names = list(dict.fromkeys(name for _, estimate in rows for name in estimate.lines()))  # both rows' lines
+        colors = {name: f"C{i}" for i, name in enumerate(names)}  # one colour per line, in both bars
+        labelled = set()
+        for row, estimate in rows:
             left = 0.0
-            for i, (name, value) in enumerate(estimate.lines().items()):
+            for name, value in estimate.lines().items():
                 mb = value / MB
-                ax.barh(row, mb, left=left, color=f"C{i}", label=name if row == 0 else None)
+                ax.barh(row, mb, left=left, color=colors[name], label=None if name in labelled else name)
+                labelled.add(name)
                 left += mb
             ax.text(left, row, f" {left:,.0f} MB", va="center")
         ax.set_yticks([0, 1], [f"QLoRA {report.quant_type}{report.bits}", "LoRA"])
