@@ -2,6 +2,12 @@
 
 Prints medians of several runs and their ratios (target: at most 1.0). No assertions on time.
 Run: ``python benchmarks/bench_quant.py [--repeats 7]``
+
+For dequantize it also prints a floor, measured in the same run: the time to allocate the output
+tensor and write it once (``torch.empty(...).fill_``), which any dequantize that returns a new
+tensor pays. Whether that allocation reuses memory or takes fresh pages from the kernel (page
+faults, about 1 ms per 4 MB here) depends on the allocator's state, so compare each row with its
+floor, not with another run's.
 """
 
 from __future__ import annotations
@@ -39,7 +45,11 @@ def main() -> None:
         ]
         for op, ours, theirs in rows:
             t_ours, t_theirs = median_time(ours, args.repeats), median_time(theirs, args.repeats)
-            print(f"{str(dtype).split('.')[-1]:>9} {op:>10} {t_ours:10.4f} {t_theirs:8.4f} {t_ours / t_theirs:6.2f}")
+            line = f"{str(dtype).split('.')[-1]:>9} {op:>10} {t_ours:10.4f} {t_theirs:8.4f} {t_ours / t_theirs:6.2f}"
+            if op == "dequantize":
+                floor = median_time(lambda: torch.empty(w.shape, dtype=dtype).fill_(1.0), args.repeats)
+                line += f"   floor {floor:.4f} s: lorakit {t_ours / floor:.1f}x it, bitsandbytes {t_theirs / floor:.1f}x"
+            print(line)
 
 
 if __name__ == "__main__":

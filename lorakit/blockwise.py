@@ -211,25 +211,61 @@ def quantize_blockwise(
     return packed, state
 
 
+# Values decoded per step of dequantize_blockwise: 2**18 float32 = 1 MiB of scratch, which stays in
+# the CPU cache. A power of two (at least 2), so each step holds whole blocks and an even count.
+DEQUANT_STEP = 1 << 18
+
+
+def byte_pairs(code: torch.Tensor) -> torch.Tensor:
+    """The two values that each byte of packed 4-bit codes stands for: (16,) -> (256, 2) float32.
+
+    ``pairs[b] = (code[b >> 4], code[b & 15])`` (first code in the high bits, as bitsandbytes packs
+    them), so decoding packed bytes is a single gather of rows, with no unpacking step.
+    """
+    byte = torch.arange(256, device=code.device)
+    return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)  # (256, 2)
+
+
 def dequantize_blockwise(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
-    """``code[q] * absmax`` per block in float32, cast to ``state.dtype``, in ``state.shape``."""
+    """``code[q] * absmax`` per block in float32, cast to ``state.dtype``, in ``state.shape``.
+
+    The work goes in steps of :data:`DEQUANT_STEP` values (whole blocks): decode the codes into a
+    small float32 scratch that stays in the cache, multiply each block by its absmax there, and write
+    the step into the output, rounding to its dtype once, as bitsandbytes' kernels do (the result is
+    bit-identical). So a bfloat16 weight never exists as a full float32 copy. A float32 output needs
+    no rounding, and is decoded into directly.
+    """
     check_state(packed, state)
     absmax = state.absmax
     if state.nested:
         absmax = dequantize_absmax(state.absmax, state.offset, state.state2)  # (n_blocks,) float32
     n, blocksize = state.numel, state.blocksize
     if state.bits == 4:
-        # all 256 byte values decoded once: pairs[b] = (code[b >> 4], code[b & 15]); one gather
-        byte = torch.arange(256)
-        pairs = torch.stack([state.code[byte >> 4], state.code[byte & 0xF]], dim=1)  # (256, 2)
-        values = pairs.index_select(0, packed.view(-1).int()).view(-1)  # (2 * bytes,)
+        pairs, flat = byte_pairs(state.code), packed.view(-1)  # (256, 2), (bytes,)
     else:
-        values = state.code[unpack_codes(packed, state.bits, n).long()]  # (n,)
-    n_blocks = absmax.numel()
-    if values.numel() != n_blocks * blocksize:
-        values = torch.nn.functional.pad(values[:n], (0, n_blocks * blocksize - n))
-    out = values.view(n_blocks, blocksize).mul_(absmax.view(-1, 1)).view(-1)[:n]  # (n,) float32
-    return out.view(state.shape).to(state.dtype)
+        codes = unpack_codes(packed, state.bits, n)  # (n,) uint8
+    step = max(DEQUANT_STEP // blocksize, 1) * blocksize  # whole blocks (and an even count)
+    out = torch.empty(n + n % 2, dtype=state.dtype, device=packed.device)  # (n,) + a spare for an odd 4-bit count
+    direct = state.dtype == torch.float32  # float32: decode straight into the output
+    scratch = None if direct else torch.empty(min(step, n + n % 2), device=packed.device)  # (step,) float32
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        size = stop - start + (stop - start) % 2 if state.bits == 4 else stop - start
+        buffer = out[start : start + size] if direct else scratch[:size]  # (size,) float32
+        if state.bits == 4:  # start is even: byte start // 2 holds codes start and start + 1
+            byte = flat[start // 2 : (stop + 1) // 2].int()  # (size / 2,)
+            torch.index_select(pairs, 0, byte, out=buffer.view(-1, 2))  # (size / 2, 2)
+        else:
+            torch.index_select(state.code, 0, codes[start:stop].int(), out=buffer)
+        values = buffer[: stop - start]  # (stop - start,)
+        full = (stop - start) // blocksize * blocksize  # the last step may end in a partial block
+        first = start // blocksize
+        values[:full].view(-1, blocksize).mul_(absmax[first : first + full // blocksize].view(-1, 1))
+        if full < stop - start:
+            values[full:].mul_(absmax[-1])
+        if not direct:
+            out[start:stop] = values  # the one rounding to state.dtype
+    return out[:n].view(state.shape)
 
 
 # ---------------------------------------------------------------- bitsandbytes-named API

@@ -8,7 +8,11 @@ comparisons use 64..4096; lorakit itself accepts any power of two (tested by pro
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -31,6 +35,7 @@ from lorakit import (
     quantize_blockwise,
     storage,
 )
+from lorakit import blockwise
 from lorakit.blockwise import pack_codes, unpack_codes
 from lorakit.codebooks import widest_gap
 
@@ -221,6 +226,32 @@ def test_round_trip_within_half_the_widest_gap(n, kind, bits, blocksize, seed):
     assert packed.numel() == math.ceil(n * bits / 8)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 2000),
+    kind=st.sampled_from(["nf", "int", "fp"]),
+    bits=st.integers(2, 8),
+    blocksize=st.sampled_from([1, 2, 16, 64, 256, 4096]),
+    step=st.sampled_from([2, 4, 64, 256, 1024]),  # DEQUANT_STEP: a power of two, at least 2
+    dtype=st.sampled_from(DTYPES),
+    double_quant=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_dequantize_in_steps_equals_the_whole_tensor_formula(n, kind, bits, blocksize, step, dtype, double_quant, seed):
+    """Stepping through the tensor (any step, odd counts, partial last blocks) changes no bit."""
+    bits = 4 if kind == "fp" else bits
+    w = (torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 3).to(dtype)
+    packed, state = quantize_blockwise(w, kind, blocksize, double_quant, bits=bits)
+    absmax = dequantize_absmax(state.absmax, state.offset, state.state2) if double_quant else state.absmax
+    # the formula over the whole tensor at once: code[q] * absmax of its block, in float32, rounded once
+    expected = (state.code[unpack_codes(packed, bits, n).long()] * absmax.repeat_interleave(blocksize)[:n]).to(dtype)
+    with mock.patch.object(blockwise, "DEQUANT_STEP", step):
+        out = dequantize_blockwise(packed, state)
+    assert out.dtype == dtype and out.shape == w.shape
+    as_int = torch.int32 if dtype == torch.float32 else torch.int16  # bit patterns: -0.0 differs from 0.0
+    assert torch.equal(out.view(as_int), expected.view(as_int))
+
+
 @settings(max_examples=20, deadline=None)
 @given(n=st.integers(1, 3000), seed=st.integers(0, 2**16))
 def test_double_quantized_absmax_error_is_bounded(n, seed):
@@ -244,6 +275,36 @@ def test_pack_unpack_round_trip(bits, n, seed):
 def test_four_bit_packing_order_is_high_nibble_first():
     packed = pack_codes(torch.tensor([1, 2, 3], dtype=torch.uint8), 4)
     assert packed.view(-1).tolist() == [0x12, 0x30]
+
+
+PEAK_SCRIPT = """
+import re, sys, torch
+from lorakit import codebook
+from lorakit.blockwise import QuantState, dequantize_blockwise
+
+def peak_bytes():  # VmHWM: this process's peak resident memory (ru_maxrss would carry the parent's over exec)
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+dtype, n = getattr(torch, sys.argv[1]), 4096 * 4096
+packed = torch.randint(0, 256, (n // 2, 1), dtype=torch.uint8)
+state = QuantState(torch.rand(n // 64), torch.Size((4096, 4096)), dtype, 64, codebook("nf", 4), "nf4")
+before = peak_bytes()
+out = dequantize_blockwise(packed, state)
+print((peak_bytes() - before) / (out.numel() * out.element_size()))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak from Linux's /proc")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dequantize_holds_no_full_size_intermediate(dtype):
+    """The peak memory of dequantizing is the output and a small scratch: no float32 copy, no index."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, dtype], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    growth = float(run.stdout.strip().splitlines()[-1])  # peak growth over the output's size
+    # 64 MiB (float32) or 32 MiB (bfloat16) of output plus 1.5 MiB of scratch and byte indices: about
+    # 1.05-1.15; decoding the whole tensor to float32 at once (the first version) grew it 1.5x and 3x
+    assert 0.9 < growth < 1.3, f"dequantizing a 4096 x 4096 {dtype} weight grew the peak by {growth:.2f}x its output"
 
 
 def test_more_bits_less_error():
