@@ -30,7 +30,14 @@ from lorakit.memory import (
     quantized_bits_per_param,
 )
 from lorakit.merge import MERGE_STRATEGIES, Comparison, codes_changed, compare_logits, merge_qlora
-from lorakit.models import count_parameters, generate, load_base_model, model_bytes, tokens_per_second
+from lorakit.models import (
+    count_parameters,
+    generate,
+    keep_bnb_reference_path,
+    load_base_model,
+    model_bytes,
+    tokens_per_second,
+)
 from lorakit.paged import PagedOptimizer
 from lorakit.runtime import Runtime, setup
 from lorakit.lab import LabConfig, LabResult, run_lab
@@ -83,6 +90,7 @@ __all__ = [
     "fp4",
     "generate",
     "integer",
+    "keep_bnb_reference_path",
     "lm_batches",
     "load_adapter",
     "load_base_model",

@@ -123,3 +123,27 @@ def model_bytes(model: torch.nn.Module) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     return total
+
+
+def keep_bnb_reference_path(model: torch.nn.Module) -> int:
+    """Keep every bitsandbytes 4-bit Linear of ``model`` on its dequantize-then-matmul path.
+
+    On CPUs with AVX512-BF16 (Intel Sapphire Rapids and later), bitsandbytes 0.50 repacks a 4-bit
+    weight in place for a fused bfloat16 kernel at the layer's first forward in eval mode without
+    gradients. That kernel rounds the absmax constants to bfloat16 and has no backward: after one
+    evaluation, training gets no gradient through the 4-bit layers (measured on a tiny Llama: peft's
+    LoRA on q_proj and v_proj got no gradient at all, on down_proj one 73% off), and a layer
+    narrower than one block fails to repack. QLoRA trains through the reference path, and lorakit
+    matches it bit for bit, so lorakit's peft + bitsandbytes runs switch the repacking off.
+    Returns the number of layers switched (0 where bitsandbytes is absent or has no such switch).
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit as BnbLinear4bit
+    except ImportError:
+        return 0
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, BnbLinear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched

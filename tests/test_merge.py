@@ -23,6 +23,7 @@ from lorakit import (
     add_lora,
     codes_changed,
     compare_logits,
+    keep_bnb_reference_path,
     lora_layers,
     merge_qlora,
     perplexity,
@@ -55,17 +56,22 @@ def tiny():
 # ---------------------------------------------------------------- against peft + bitsandbytes
 
 
-def test_requantized_is_bit_identical_to_peft_merge_into_bitsandbytes_4bit(tiny, tmp_path):
+def test_requantized_is_bit_identical_to_peft_merge_into_bitsandbytes_4bit(tmp_path):
     pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    # Rows a whole number of blocks long, as in SmolLM2 (576, 1536): for rows shorter than a block,
+    # bitsandbytes 0.50.2's native CPU dequantize (AVX-512 machines) reads the wrong block's absmax
+    # (see blocks_follow_rows in test_quantization.py), and peft's merge dequantizes through it.
+    tiny = tiny_llama(hidden_size=64, intermediate_size=128)
     tiny.save_pretrained(tmp_path)
     bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                     bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.uint8)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, device_map={"": "cpu"},
                                                   quantization_config=bnb_config)
     theirs = get_peft_model(theirs, LoraConfig(r=4, lora_alpha=8, target_modules=ALL_PROJ))
+    keep_bnb_reference_path(theirs)  # AVX512-BF16 CPUs: no bfloat16 repacking at the first no-grad forward
     ours = qlora(tiny)
     peft_layers = dict(theirs.base_model.model.named_modules())
     with torch.no_grad():
@@ -78,6 +84,7 @@ def test_requantized_is_bit_identical_to_peft_merge_into_bitsandbytes_4bit(tiny,
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Merge lora module to 4-bit linear")
         theirs = theirs.merge_and_unload()
+    keep_bnb_reference_path(theirs)  # the merge made new bitsandbytes layers
     ours = merge_qlora(ours, "requantized")
     assert not lora_layers(ours)
     changed = 0
@@ -91,6 +98,47 @@ def test_requantized_is_bit_identical_to_peft_merge_into_bitsandbytes_4bit(tiny,
         changed += not torch.equal(q.weight_packed, codes)
     assert changed == len(codes_before)  # the merge moved codes in every layer: the comparison is not vacuous
     assert torch.equal(logits(ours), logits(theirs))
+
+
+def bnb_qlora(base, folder):
+    """transformers + bitsandbytes NF4 (double quant) + peft LoRA with random A and B, from ``base``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    base.save_pretrained(folder)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.uint8)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map={"": "cpu"},
+                                                 quantization_config=config)
+    torch.manual_seed(1)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=ALL_PROJ, init_lora_weights=False))
+
+
+def lora_gradients(model, evaluate_first: bool) -> dict[str, torch.Tensor | None]:
+    if evaluate_first:
+        model.eval()
+        logits(model)  # a no-grad forward in eval mode, as an evaluation before training does
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_an_evaluation_leaves_bitsandbytes_training_gradients_unchanged(tiny, tmp_path):
+    """On AVX512-BF16 CPUs bitsandbytes 0.50 would repack the 4-bit weights at the first no-grad forward
+    into a kernel with no backward; keep_bnb_reference_path keeps training's gradients exact."""
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.nn import Linear4bit as BnbLinear4bit
+
+    expected = lora_gradients(bnb_qlora(tiny, tmp_path / "a"), evaluate_first=False)
+    model = bnb_qlora(tiny, tmp_path / "b")
+    keep_bnb_reference_path(model)
+    layers = [m for m in model.modules() if isinstance(m, BnbLinear4bit)]
+    assert len(layers) == 14 and not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in layers)
+    got = lora_gradients(model, evaluate_first=True)
+    assert got.keys() == expected.keys() and len(got) == 28
+    for name, grad in got.items():
+        assert grad is not None and torch.equal(grad, expected[name]), name
+    assert all(not getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
 
 
 # ---------------------------------------------------------------- the three strategies' properties

@@ -31,7 +31,7 @@ from lorakit.adapter import save_adapter
 from lorakit.data import CORPORA, split_documents, tokenize_blocks
 from lorakit.linear4bit import quantize_model
 from lorakit.lora import add_lora
-from lorakit.models import DEFAULT_MODEL, count_parameters, load_base_model
+from lorakit.models import DEFAULT_MODEL, count_parameters, keep_bnb_reference_path, load_base_model
 from lorakit.train import TrainConfig, TrainResult, train
 
 METHODS = ("full", "lora", "qlora")
@@ -205,6 +205,7 @@ def _build_hf(config: FinetuneConfig, device, dtype):
             # about peft's code, not the learner's, and its text shows a machine path.
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             model = get_peft_model(model, lora_config)
+    keep_bnb_reference_path(model)  # no bfloat16 repacking on AVX512-BF16 CPUs: it breaks training
     model.eval()
     return model, tokenizer
 
