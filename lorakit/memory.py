@@ -503,8 +503,9 @@ def estimate_memory(model="7B", method: str = "qlora", bits: int | None = None, 
       ``"paged_adamw"`` (fp32 moments paged out to CPU memory: reported apart, not in ``total``)
       or ``"sgd"``.
 
-    QLoRA keeps embeddings, lm_head and norms in 16 bit (bitsandbytes replaces only
-    ``nn.Linear`` and transformers skips the output layer); only the blocks' linears are quantized.
+    QLoRA keeps embeddings, lm_head and norms in ``dtype``, 16 bit in the paper (bitsandbytes
+    replaces only ``nn.Linear`` and transformers skips the output layer); only the blocks' linears
+    are quantized. The line is named by its real width: "32-bit embeddings, ..." for float32.
     """
     shape = model_shape(model)
     if method not in METHODS:
@@ -534,7 +535,7 @@ def estimate_memory(model="7B", method: str = "qlora", bits: int | None = None, 
         codes = math.ceil(shape.linear_params * bits / 8)
         weights = {f"{bits}-bit codes": codes,
                    "quantization constants": shape.num_layers * per_layer - codes,
-                   "16-bit embeddings, lm_head, norms": shape.other_params * b}
+                   f"{8 * b}-bit embeddings, lm_head, norms": shape.other_params * b}
     else:
         weights = {f"{bits}-bit weights": shape.n_params * b}
     if method == "full":

@@ -210,6 +210,14 @@ def test_checkpointing_and_8bit_state_shrink_the_right_lines():
     assert paged.optimizer_state == 0 and paged.paged_optimizer_state == 8 * paged.trainable_params
 
 
+@pytest.mark.parametrize("dtype, width", [("float32", 32), ("bfloat16", 16), ("float16", 16)])
+def test_the_unquantized_rest_of_a_qlora_model_is_named_by_its_width(dtype, width):
+    est = estimate_memory("350M", "qlora", dtype=dtype)
+    rest = {k: v for k, v in est.weights.items() if "embeddings" in k}
+    assert list(rest) == [f"{width}-bit embeddings, lm_head, norms"]
+    assert rest[f"{width}-bit embeddings, lm_head, norms"] == est.shape.other_params * width // 8
+
+
 # -- the QLoRA paper ------------------------------------------------------------------------
 
 
