@@ -142,7 +142,7 @@ def nearest_code(scaled: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     ordered = table[order]
     midpoints = (ordered[:-1] + ordered[1:]) / 2  # (2**bits - 1,)
     bucket = torch.bucketize(scaled, midpoints, out_int32=True)
-    if not torch.equal(order, torch.arange(table.numel())):
+    if not torch.equal(order, torch.arange(table.numel(), device=order.device)):
         bucket = order[bucket]
     return bucket.to(torch.uint8)
 
@@ -160,10 +160,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return ((codes[0::2] << 4) | codes[1::2]).view(-1, 1)
     if bits == 8:
         return codes.view(-1, 1).clone()
-    shifts = torch.arange(bits - 1, -1, -1, dtype=torch.uint8)  # (bits,), most significant first
+    shifts = torch.arange(bits - 1, -1, -1, dtype=torch.uint8, device=codes.device)  # (bits,), most significant first
     stream = ((codes.view(-1, 1) >> shifts) & 1).view(-1)  # (n * bits,) one bit each
     stream = torch.nn.functional.pad(stream, (0, -stream.numel() % 8))
-    weights = 1 << torch.arange(7, -1, -1, dtype=torch.int32)  # (8,)
+    weights = 1 << torch.arange(7, -1, -1, dtype=torch.int32, device=codes.device)  # (8,)
     return (stream.view(-1, 8).int() * weights).sum(dim=1).to(torch.uint8).view(-1, 1)
 
 
@@ -174,9 +174,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         return torch.stack([flat >> 4, flat & 0xF], dim=1).view(-1)[:n]
     if bits == 8:
         return flat[:n]
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=flat.device)
     stream = ((flat.view(-1, 1) >> shifts) & 1).view(-1)[: n * bits]  # (n * bits,)
-    weights = 1 << torch.arange(bits - 1, -1, -1, dtype=torch.int32)  # (bits,)
+    weights = 1 << torch.arange(bits - 1, -1, -1, dtype=torch.int32, device=flat.device)  # (bits,)
     return (stream.view(n, bits).int() * weights).sum(dim=1).to(torch.uint8)
 
 
@@ -197,7 +197,7 @@ def quantize_blockwise(
     check_weight(w, name)
     check_blocksize(blocksize)
     kind, bits = parse_kind(quant_type, bits)
-    table = codebook(kind, bits)  # (2**bits,)
+    table = codebook(kind, bits).to(w.device)  # (2**bits,)
     flat = w.detach().reshape(-1).float()  # (n,), exact for bf16 and fp16
     scaled, absmax = absmax_scale(flat, blocksize)
     if not torch.isfinite(absmax).all():  # a NaN or Inf anywhere shows up in its block's absmax

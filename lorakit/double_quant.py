@@ -45,7 +45,7 @@ def lookup_table(code: torch.Tensor) -> torch.Tensor:
     in float32, and its code is the number of code midpoints strictly below it.
     """
     midpoints = 0.5 * (code[:-1] + code[1:])  # (255,)
-    grid = -1.0 + (2.0 * torch.arange(LUT_SIZE, dtype=torch.float32)) / (LUT_SIZE - 1)  # (65536,)
+    grid = -1.0 + (2.0 * torch.arange(LUT_SIZE, dtype=torch.float32, device=code.device)) / (LUT_SIZE - 1)  # (65536,)
     return torch.searchsorted(midpoints, grid, side="left").to(torch.uint8)
 
 
@@ -78,7 +78,7 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, S
     ``offset`` is the 0-dim float32 mean that was subtracted (bitsandbytes: ``_absmax.mean()``).
     """
     offset = absmax.mean()  # 0-dim; same reduction as bitsandbytes, so the same float32 result
-    code = dynamic_map()  # (256,)
+    code = dynamic_map().to(absmax.device)  # (256,)
     qabsmax, absmax2 = quantize_8bit(absmax - offset, code, ABSMAX_BLOCKSIZE)
     return qabsmax, offset, SecondLevelState(absmax=absmax2, code=code)
 

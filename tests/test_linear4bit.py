@@ -212,6 +212,21 @@ def test_to_dtype_keeps_the_quantization_state_exact():
     assert q(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("quant_type, bits", [("nf", 4), ("fp", 4), ("nf", 3), ("int", 8)])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_stays_on_the_device_of_the_layer(quant_type, bits, double_quant, dtype):
+    """Moved to another device, a layer dequantizes there: every tensor dequantize makes follows it.
+
+    The meta device stands in for a GPU (none in CI): an operation that mixed in a CPU tensor fails on
+    it as it would on CUDA, and the output's shape and dtype are still computed.
+    """
+    q = Linear4bit.from_linear(nn.Linear(96, 64).to(dtype), quant_type, 64, double_quant, bits).to("meta")
+    w = q.dequantize()
+    assert w.device.type == "meta" and w.shape == (64, 96) and w.dtype == dtype
+    assert q(torch.empty(2, 96, dtype=dtype, device="meta")).shape == (2, 64)
+
+
 @pytest.mark.parametrize("bias_trains", [False, True])
 def test_backward_recomputes_the_weight_instead_of_keeping_it(bias_trains):
     """Between forward and backward only 4-bit codes stay alive, as in QLoRA; gradients are exact."""
