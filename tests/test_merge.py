@@ -56,21 +56,27 @@ def tiny():
 # ---------------------------------------------------------------- against peft + bitsandbytes
 
 
-def test_requantized_is_bit_identical_to_peft_merge_into_bitsandbytes_4bit(tmp_path):
-    pytest.importorskip("bitsandbytes")
+def bnb_qlora(base, folder):
+    """transformers + bitsandbytes NF4 (double quant) + peft LoRA with random A and B, from ``base``."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    base.save_pretrained(folder)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.uint8)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map={"": "cpu"},
+                                                 quantization_config=config)
+    torch.manual_seed(1)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=ALL_PROJ, init_lora_weights=False))
+
+
+def test_requantized_is_bit_identical_to_peft_merge_into_bitsandbytes_4bit(tmp_path):
+    pytest.importorskip("bitsandbytes")
     # Rows a whole number of blocks long, as in SmolLM2 (576, 1536): for rows shorter than a block,
     # bitsandbytes 0.50.2's native CPU dequantize (AVX-512 machines) reads the wrong block's absmax
     # (see blocks_follow_rows in test_quantization.py), and peft's merge dequantizes through it.
     tiny = tiny_llama(hidden_size=64, intermediate_size=128)
-    tiny.save_pretrained(tmp_path)
-    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.uint8)
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, device_map={"": "cpu"},
-                                                  quantization_config=bnb_config)
-    theirs = get_peft_model(theirs, LoraConfig(r=4, lora_alpha=8, target_modules=ALL_PROJ))
+    theirs = bnb_qlora(tiny, tmp_path)  # its LoRA weights are overwritten with ours below
     keep_bnb_reference_path(theirs)  # AVX512-BF16 CPUs: no bfloat16 repacking at the first no-grad forward
     ours = qlora(tiny)
     peft_layers = dict(theirs.base_model.model.named_modules())
@@ -98,20 +104,6 @@ def test_requantized_is_bit_identical_to_peft_merge_into_bitsandbytes_4bit(tmp_p
         changed += not torch.equal(q.weight_packed, codes)
     assert changed == len(codes_before)  # the merge moved codes in every layer: the comparison is not vacuous
     assert torch.equal(logits(ours), logits(theirs))
-
-
-def bnb_qlora(base, folder):
-    """transformers + bitsandbytes NF4 (double quant) + peft LoRA with random A and B, from ``base``."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    base.save_pretrained(folder)
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.uint8)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map={"": "cpu"},
-                                                 quantization_config=config)
-    torch.manual_seed(1)
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=ALL_PROJ, init_lora_weights=False))
 
 
 def lora_gradients(model, evaluate_first: bool) -> dict[str, torch.Tensor | None]:
