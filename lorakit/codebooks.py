@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import torch
 
-KINDS = ("nf", "int", "fp")
+KINDS = ("nf", "int", "fp")  # a codebook's family; "nf4", "int8", "fp4" name a quant_type (kind + bits)
 MIN_BITS, MAX_BITS = 2, 8
+# The widths the workbook's controls and the fine-tune offer (any of MIN_BITS..MAX_BITS is a valid codebook).
+BITS = (2, 3, 4, 8)
 
 
 def _check_bits(kind: str, bits: int) -> None:

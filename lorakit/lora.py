@@ -23,6 +23,9 @@ from torch import nn
 
 from lorakit.linear4bit import Linear4bit
 
+# The seven projections of a Llama-style block (SmolLM2, Llama, Mistral, Qwen): attention, then MLP.
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 class LoRALinear(nn.Module):
     """A frozen Linear-like ``base_layer`` plus the update ``(alpha / r) * B A`` (LoRA §4.1).
