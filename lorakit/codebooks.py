@@ -22,7 +22,8 @@ MIN_BITS, MAX_BITS = 2, 8
 BITS = (2, 3, 4, 8)
 
 
-def _check_bits(kind: str, bits: int) -> None:
+def check_codebook(kind: str, bits: int) -> None:
+    """Refuse a (kind, bits) pair that names no codebook, saying what is valid (the one home of this check)."""
     if kind not in KINDS:
         raise ValueError(f"codebook kind={kind!r} is not known; valid kinds are {KINDS}")
     if not isinstance(bits, int) or isinstance(bits, bool):
@@ -54,7 +55,7 @@ def nf_probabilities(bits: int = 4, offset: float | None = None) -> tuple[torch.
     ``p_positive``: ``2**(k-1)`` levels evenly spaced from ``offset`` down to 0.5 (0.5 itself, the
     zero, left out); ``p_negative``: one level fewer. Both float32, as bitsandbytes computes them.
     """
-    _check_bits("nf", bits)
+    check_codebook("nf", bits)
     offset = nf_offset(bits) if offset is None else offset
     if not 0.5 < offset < 1.0:
         raise ValueError(f"normal_float offset={offset} must lie in (0.5, 1): it is a probability above the median")
@@ -92,7 +93,7 @@ def integer(bits: int = 4) -> torch.Tensor:
     Symmetric absmax integers use only ``2**k - 1`` distinct levels; the spare code is a second
     (negative) zero, as in bitsandbytes' ``get_4bit_type("int4")``.
     """
-    _check_bits("int", bits)
+    check_codebook("int", bits)
     m = 2 ** (bits - 1) - 1
     negative = [float(-i) for i in range(m, 0, -1)]
     positive = [float(i) for i in range(1, m + 1)]
@@ -148,7 +149,7 @@ def parse_kind(kind: str, bits: int | None = None) -> tuple[str, int]:
             )
         bits = int(digits)
     bits = 4 if bits is None else bits
-    _check_bits(family, bits)
+    check_codebook(family, bits)
     return family, bits
 
 
