@@ -1,5 +1,9 @@
-"""Checkers for the exercises of notebook 01: each runs the learner's function on several cases,
-compares it with lorakit's answer, and raises ``AssertionError`` with a hint when it differs."""
+"""Checkers for the notebooks' exercises (01 LoRA, 03-04 quantization, 06 fine-tuning), all in one place.
+
+Each runs the learner's function on several cases, compares it with lorakit's answer, and raises
+``AssertionError`` with a hint when it differs (an explicit ``raise``, not ``assert``, so the checks
+still run under ``python -O``). On success it returns a sentence saying what was right.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from lorakit.blockwise import dequantize_blockwise, quantize_blockwise
 from lorakit.lora import LoRALinear
 from lorakit.lowrank import lora_param_count
+from lorakit.tradeoff import quantization_tradeoff
 
 SHAPES = [(16, 16, 1), (64, 32, 4), (576, 192, 8), (4096, 4096, 16)]  # (d_in, d_out, r)
 
@@ -99,3 +105,48 @@ def check_trainable_params(fn: Callable[[object, int], int], config) -> str:
             f"for r={r} you returned {got!r}, expected {want:,}; hint: per block, sum r * (d_in + d_out) over "
             "q, k, v, o, gate, up and down, then multiply by num_hidden_layers")
     return f"correct: rank 8 adds {lora_params(shape, 8):,} parameters to SmolLM2's projections"
+
+
+def check_absmax_int8(fn: Callable[[torch.Tensor], tuple]) -> str:
+    """Exercise (notebook 03): ``fn(x) -> (codes, scale)`` for one absmax int8 block.
+
+    ``codes`` must be integers in [-127, 127] with ``codes * scale`` reproducing lorakit's Int8
+    (one block as large as the tensor).
+    """
+    g = torch.Generator().manual_seed(1)
+    for n in (7, 64, 1000):
+        x = torch.randn(n, generator=g) * 3  # (n,)
+        codes, scale = fn(x)
+        codes = torch.as_tensor(codes)
+        if codes.shape != x.shape:
+            raise AssertionError(f"codes must have the input's shape {tuple(x.shape)}, got {tuple(codes.shape)}")
+        if codes.abs().max() > 127:
+            raise AssertionError(f"codes must lie in [-127, 127], got one of {int(codes.abs().max())}: "
+                                 "scale by 127 / absmax")
+        packed, state = quantize_blockwise(x, "int", blocksize=_next_power_of_two(n), bits=8)
+        expected = dequantize_blockwise(packed, state)  # (n,)
+        got = codes.float() * float(scale)
+        if not torch.allclose(got, expected, rtol=1e-5, atol=1e-6):
+            raise AssertionError(
+                f"for {n} values codes * scale differs from lorakit's int8 by up to "
+                f"{(got - expected).abs().max():.3g}; did you round to the nearest integer and use scale = absmax / 127?"
+            )
+    return "correct: your absmax int8 matches lorakit's Int8 codebook"
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def check_bits_per_parameter(answer: float, bits: int = 4, blocksize: int = 64, double_quant: bool = False) -> str:
+    """Exercise (notebooks 03-04): is ``answer`` the bits per parameter of k-bit blockwise storage?
+
+    Compared with the figure measured on a real quantized tensor's byte sizes.
+    """
+    n = blocksize * 256 * 4  # a size every block level divides
+    measured = quantization_tradeoff(torch.randn(n), "int", bits, blocksize, double_quant).bits_per_parameter
+    if not abs(answer - measured) < 1e-3:
+        raise AssertionError(
+            f"not quite: {bits} bits per code + the absmax constants; measured {measured:.4f}, you said {answer}"
+        )
+    return f"correct: {measured:.4f} bits per parameter"

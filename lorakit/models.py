@@ -1,4 +1,5 @@
-"""Loading the base model: the offline SmolLM2 copy by default, any hub id for online users."""
+"""Loading the base model (the offline SmolLM2 copy by default, any hub id for online users), greedy
+generation and parameter counts. Timing lives in :mod:`lorakit.timing`, byte counts in :mod:`lorakit.memory`."""
 
 from __future__ import annotations
 
@@ -67,30 +68,6 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 40, chat: bool
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-@torch.no_grad()
-def tokens_per_second(model, tokenizer, prompt: str, new_tokens: int = 32, repeats: int = 3) -> float:
-    """Greedy decoding speed: ``new_tokens`` generated after ``prompt``, divided by the median time.
-
-    Exactly ``new_tokens`` are generated (the end-of-text token does not stop early), so models that
-    answer differently are timed on the same amount of work; the time includes reading the prompt.
-    One untimed warm-up run first, then the median of ``repeats`` (``lorakit.steps.median_time``).
-    """
-    from lorakit.steps import median_time
-
-    if new_tokens < 1 or repeats < 1:
-        raise ValueError(f"need new_tokens >= 1 and repeats >= 1, got new_tokens={new_tokens}, repeats={repeats}")
-    inputs = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def run():
-        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=pad)
-        if inputs["input_ids"].is_cuda:
-            torch.cuda.synchronize()  # the clock must wait for the GPU
-
-    return new_tokens / median_time(run, repeats=repeats, warmup=1)
-
-
 class ParameterCount(NamedTuple):
     trainable: int
     total: int
@@ -112,17 +89,6 @@ def count_parameters(model: torch.nn.Module) -> ParameterCount:
         if p.requires_grad:
             trainable += n
     return ParameterCount(trainable, total, 100.0 * trainable / total if total else 0.0)
-
-
-def model_bytes(model: torch.nn.Module) -> int:
-    """Bytes held by the model's parameters and buffers (tied weights counted once)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
 
 
 def keep_bnb_reference_path(model: torch.nn.Module) -> int:

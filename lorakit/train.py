@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,6 +24,64 @@ from tqdm.auto import tqdm
 from lorakit.data import perplexity
 
 CHECKPOINT = "checkpoint.pt"
+
+
+# ----------------------------------------------------------------------------------------------
+# The minimal loop (notebooks 01, 02 and 05): forward, loss, backward, optimizer step, nothing else.
+# train() below is the same step with gradient accumulation, clipping, a schedule and checkpoints.
+# ----------------------------------------------------------------------------------------------
+
+
+def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> float:
+    """One optimizer step on one batch (``input_ids``, ``attention_mask``, ``labels``); returns the loss.
+
+    The old gradients are cleared *before* the backward pass, as :func:`train` does, so after the
+    call every ``p.grad`` holds this step's gradient.
+    """
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    optimizer.zero_grad(set_to_none=True)
+    loss = model(**batch).loss  # mean next-token cross-entropy over B * (T - 1) targets
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def train_steps(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    progress: bool = False,
+) -> list[float]:
+    """Run ``steps`` training steps (the model in train mode), cycling through ``batches``; returns the losses.
+
+    The model is left in eval mode with no gradients held.
+    """
+    if steps < 1:
+        raise ValueError(f"train_steps: steps must be at least 1, got {steps}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("train_steps: batches is empty; give at least one batch")
+    model.train()
+    losses = [train_step(model, batches[i % len(batches)], optimizer)
+              for i in tqdm(range(steps), desc="train", leave=False, disable=not progress)]
+    optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return losses
+
+
+def eval_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean next-token loss (nats per token) on held-out ``(N, T)`` blocks.
+
+    :func:`lorakit.data.perplexity` is ``exp`` of this mean, so its log is the mean itself.
+    """
+    return math.log(perplexity(model, blocks, batch_size=batch_size))
+
+
+# ----------------------------------------------------------------------------------------------
+# The full loop: TrainConfig, train(), checkpoints
+# ----------------------------------------------------------------------------------------------
 
 
 @dataclass

@@ -167,7 +167,7 @@ def test_tradeoff_widget_drives_from_code():
 
 def test_codebook_error_matches_quantize_blockwise():
     from lorakit import codebook, normal_float
-    from lorakit.explore import codebook_error
+    from lorakit.tradeoff import codebook_error
 
     w = torch.randn(48, 100, generator=torch.Generator().manual_seed(0))  # 4800 values: a partial last block
     expected = quantization_tradeoff(w, "nf", 4, 64).rmse
@@ -178,7 +178,7 @@ def test_codebook_error_matches_quantize_blockwise():
 
 
 def test_exercise_checkers_accept_right_and_reject_wrong_answers():
-    from lorakit.explore import check_absmax_int8, check_bits_per_parameter
+    from lorakit.exercises import check_absmax_int8, check_bits_per_parameter
 
     def right(x):
         scale = x.abs().max() / 127

@@ -8,36 +8,30 @@ import math
 import pytest
 import torch
 
+from tiny_models import tiny_llama
+
+from lorakit.lora import LLAMA_PROJECTIONS
 from lorakit.memory import (
-    LINEAR_NAMES,
     LLAMA,
     MB,
     QLORA_PAPER_FIGURE6_MB,
     QLORA_PAPER_SETTING,
-    MemoryCalculator,
     ModelShape,
     check_fit,
     estimate_memory,
-    main,
     memory_ledger,
+    model_bytes,
     model_shape,
+    peak_rss_bytes,
     quantized_bits_per_param,
     quantized_bytes,
+    quantized_storage,
     weight_bytes_by_dtype,
 )
+from lorakit.memory.__main__ import main
 
 
-def tiny_llama(**overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    cfg.update(overrides)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**cfg))
-
-
-def lm_batch(batch_size, seq_len, vocab=512, seed=0):
+def lm_batch(batch_size, seq_len, vocab=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
@@ -103,12 +97,50 @@ def test_ledger_measures_optimizer_state_and_peak_rss():
     assert ledger.total == ledger.weight_bytes + ledger.gradients + ledger.optimizer_state + ledger.activations
 
 
+def test_model_bytes_is_the_per_dtype_count_added_up():
+    from lorakit import quantize_model
+
+    model = quantize_model(tiny_llama(), double_quant=True)  # uint8 codes, float32 constants and embeddings
+    by_dtype = weight_bytes_by_dtype(model)
+    assert len(by_dtype) > 1 and model_bytes(model) == sum(by_dtype.values())
+
+
+def test_quantized_storage_adds_up_every_layers_blockwise_storage():
+    from lorakit import Linear4bit, quantize_model, storage
+
+    model = quantize_model(tiny_llama(), double_quant=True)
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    total = quantized_storage(model)
+    assert total.n_params == sum(m.state.numel for m in layers)
+    assert total.total_bytes == sum(storage(m.weight_packed, m.state).total_bytes for m in layers)
+    with pytest.raises(ValueError, match="no Linear4bit layers; call lorakit.quantize_model first"):
+        quantized_storage(tiny_llama())
+
+
+@pytest.mark.parametrize("platform, factor", [("linux", 1024), ("darwin", 1)])
+def test_peak_rss_is_bytes_on_every_platform(monkeypatch, platform, factor):
+    """getrusage's ru_maxrss is KiB on Linux and bytes on macOS; peak_rss_bytes always answers bytes."""
+    import resource
+    import sys
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.setattr(resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=12345))
+    assert peak_rss_bytes() == 12345 * factor
+
+
+def test_peak_rss_covers_a_buffer_just_touched():
+    buffer = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB, every page written
+    assert peak_rss_bytes() >= buffer.numel()
+    del buffer
+
+
 # -- the estimator against the ledger -------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "method,targets",
-    [("full", None), ("lora", ("q_proj", "v_proj")), ("lora", LINEAR_NAMES), ("lora", ("k_proj", "down_proj"))],
+    [("full", None), ("lora", ("q_proj", "v_proj")), ("lora", LLAMA_PROJECTIONS), ("lora", ("k_proj", "down_proj"))],
 )
 def test_estimator_matches_ledger_on_a_tiny_llama(method, targets):
     model = tiny_llama()
@@ -250,6 +282,9 @@ def test_cli_prints_breakdown_and_total(capsys):
 
 
 def test_calculator_widget_is_check_fit():
+    pytest.importorskip("ipywidgets")
+    from lorakit.widgets.memory import MemoryCalculator
+
     calc = MemoryCalculator(model="7B", method="qlora", bits=4, gpu_gb=8)
     assert calc.result.fits == check_fit(8, model="7B", method="qlora", bits=4, rank=64, batch_size=1,
                                          seq_len=512, gradient_checkpointing=True).fits

@@ -23,7 +23,6 @@ from lorakit import (
     add_lora,
     codes_changed,
     compare_logits,
-    keep_bnb_reference_path,
     lora_layers,
     merge_qlora,
     perplexity,
@@ -32,6 +31,7 @@ from lorakit import (
     unload_lora,
 )
 from lorakit.codebooks import widest_gap
+from lorakit.models import keep_bnb_reference_path
 
 IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))  # (B, T)
 

@@ -21,7 +21,6 @@ ARTICLE_2025 = "000_1b21abd55088a546.txt"  # "LoRA vs QLoRA: Which is better in 
 ARTICLE_TECH = "001_e5fcc8f0deb58e76.txt"  # "QLoRA vs LoRA: Efficient LLM Fine-Tuning Techniques Compared"
 ARTICLE_DOMAINS = "002_83b02849e0a2ffda.txt"  # "LoRA vs QLoRA Overview" (domains, trade-off table)
 ARTICLE_EVERYDAY = "003_7a366c6289dd4be5.txt"  # "Why is QLoRA Better Than LoRA? A Deep Dive for the Everyday User"
-SOURCES = (ARTICLE_2025, ARTICLE_TECH, ARTICLE_DOMAINS, ARTICLE_EVERYDAY)
 
 # Thresholds, each named once.
 SIGNIFICANT_MEMORY_RATIO = 0.75  # "significantly lower": QLoRA's step needs at most 3/4 of LoRA's

@@ -1,4 +1,4 @@
-"""Static pictures of the notebooks' controls, for readers without a kernel.
+"""Static pictures of the notebooks' controls, for readers without a kernel: the base class of every control.
 
 A live ipywidget is stored in a notebook as a ``widget-view`` reference that only a running
 kernel can fill: the book, GitHub and a reopened notebook see nothing. A :class:`PicturedControl`

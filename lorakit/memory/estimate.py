@@ -1,16 +1,9 @@
-"""Where the memory goes: a measured ledger of one training step, and an estimator for any model.
+"""The computed half: the memory of one training step from shapes alone, for any size.
 
-Two halves that check each other:
-
-* :func:`memory_ledger` *measures* one real training step of the model in front of you: the bytes
-  of weights (per dtype; parameters **and** buffers, so 4-bit storage and its quantization
-  constants count), gradients, optimizer state, the activations autograd saves for backward
-  (seen through ``torch.autograd.graph.saved_tensors_hooks``), the process's peak resident memory
-  and, on a GPU, peak CUDA memory.
-* :func:`estimate_memory` *computes* the same lines from shapes alone, for any size (``"65B"``, a
-  parameter count, a transformers config) and any method (``full``, ``lora``, ``qlora``), so the
-  paper's 7B-65B figures can be reproduced from a laptop:
-  ``python -m lorakit.memory 65B --method qlora``.
+:func:`estimate_memory` computes the lines a :func:`lorakit.memory.memory_ledger` measures, for
+any size (``"65B"``, a parameter count, a transformers config) and any method (``full``,
+``lora``, ``qlora``), so the paper's 7B-65B figures can be reproduced from a laptop:
+``python -m lorakit.memory 65B --method qlora``. :func:`check_fit` sets it against a GPU.
 
 The activation formula counts, tensor by tensor, what the transformers Llama code with SDPA
 attention saves for backward (see :func:`activation_bytes`); ``tests/test_memory.py`` checks it
@@ -19,205 +12,14 @@ against the ledger on SmolLM2.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
-import resource
-import sys
 from dataclasses import dataclass, field
-from typing import Callable
 
-import torch
-
-from lorakit.snapshot import PicturedControl, default_style, new_figure, text_figure
-
-MB = 10**6  # the QLoRA paper's figures are in MB (10^6 bytes)
-GB = 10**9
-
-# ----------------------------------------------------------------------------------------------
-# The ledger: measured
-# ----------------------------------------------------------------------------------------------
-
-
-class FourLines:
-    """What a ledger and an estimate share: weights (per dtype), gradients, optimizer state, activations."""
-
-    weights: dict[str, int]
-    gradients: int
-    optimizer_state: int
-    activations: int
-
-    @property
-    def weight_bytes(self) -> int:
-        return sum(self.weights.values())
-
-    @property
-    def total(self) -> int:
-        """Weights + gradients + optimizer state + saved activations (on the accelerator, for a GPU run)."""
-        return self.weight_bytes + self.gradients + self.optimizer_state + self.activations
-
-
-@dataclass
-class MemoryLedger(FourLines):
-    """Measured bytes of one training step. ``weights`` maps a dtype name to bytes."""
-
-    weights: dict[str, int]
-    gradients: int
-    optimizer_state: int
-    activations: int
-    peak_rss: int  # process peak resident set size during the step, bytes
-    peak_rss_is_step_only: bool  # False when the kernel would not reset the peak (then: lifetime peak)
-    peak_cuda: int | None  # torch.cuda.max_memory_allocated during the step; None without a GPU
-    loss: float
-
-    def lines(self) -> dict[str, int]:
-        """The ledger as ``{line: bytes}``, weights split per dtype (for stacked bars)."""
-        out = {f"weights ({dtype})": n for dtype, n in sorted(self.weights.items())}
-        out.update(gradients=self.gradients, optimizer_state=self.optimizer_state, activations=self.activations)
-        return out
-
-    def __str__(self) -> str:
-        rows = [f"{k:<28}{v / MB:>12,.1f} MB" for k, v in self.lines().items()]
-        rows.append(f"{'total':<28}{self.total / MB:>12,.1f} MB")
-        rows.append(f"{'peak RSS':<28}{self.peak_rss / MB:>12,.1f} MB")
-        if self.peak_cuda is not None:
-            rows.append(f"{'peak CUDA':<28}{self.peak_cuda / MB:>12,.1f} MB")
-        return "\n".join(rows)
-
-
-def _storage_key(t: torch.Tensor) -> tuple[str, int]:
-    s = t.untyped_storage()
-    return (str(t.device), s.data_ptr())
-
-
-def _unique_storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (a view and its base count once)."""
-    seen: dict[tuple[str, int], int] = {}
-    for t in tensors:
-        seen.setdefault(_storage_key(t), t.untyped_storage().nbytes())
-    return sum(seen.values())
-
-
-def weight_bytes_by_dtype(model: torch.nn.Module) -> dict[str, int]:
-    """Bytes of parameters and buffers per dtype name, each storage once (tied weights once).
-
-    Buffers count because quantized layers keep their packed 4-bit codes and their absmax
-    constants as buffers (``uint8``, ``float32``...), not as parameters.
-    """
-    seen: set[tuple[str, int]] = set()
-    out: dict[str, int] = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = _storage_key(t)
-        if key in seen:
-            continue
-        seen.add(key)
-        name = str(t.dtype).removeprefix("torch.")
-        out[name] = out.get(name, 0) + t.untyped_storage().nbytes()
-    return out
-
-
-def optimizer_state_bytes(optimizer) -> int:
-    """Bytes of the tensors in an optimizer's state (fast and slow tier alike).
-
-    An optimizer that keeps its state elsewhere (``PagedOptimizer``) reports it through a
-    ``state_bytes()`` method; for a plain torch optimizer every tensor in ``optimizer.state``.
-    """
-    if hasattr(optimizer, "state_bytes"):
-        return int(optimizer.state_bytes())
-    tensors = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
-    return _unique_storage_bytes(tensors)
-
-
-def _read_vm_hwm() -> int | None:
-    """Peak resident set size from /proc (Linux), bytes; None elsewhere."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Ask Linux to reset VmHWM (``echo 5 > /proc/self/clear_refs``); False where it cannot."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _causal_lm_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    return model(**batch).loss
-
-
-def memory_ledger(
-    model: torch.nn.Module,
-    batch: dict,
-    optimizer: torch.optim.Optimizer | None = None,
-    loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] = _causal_lm_loss,
-) -> MemoryLedger:
-    """Run ONE real training step (forward, backward, ``optimizer.step()``) and measure its memory.
-
-    The model's weights change (it is a real step); pass a copy to keep the original.
-    ``batch`` is a dict of tensors (``input_ids``, ``attention_mask``, ``labels``) on the model's
-    device; ``loss_fn(model, batch)`` defaults to the causal-LM loss the model computes itself.
-    Without ``optimizer`` the optimizer state line is 0. Activations are the distinct storages
-    autograd saves for backward that are not parameters or buffers.
-    """
-    device = next(model.parameters()).device
-    frozen = {_storage_key(t) for t in list(model.parameters()) + list(model.buffers())}
-    saved: dict[tuple[str, int], int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(t)
-        if key not in frozen:
-            saved.setdefault(key, t.untyped_storage().nbytes())
-        return t
-
-    model.train()
-    if optimizer is not None:
-        optimizer.zero_grad(set_to_none=True)
-    step_only = _reset_peak_rss()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn(model, batch)
-    activations = sum(saved.values())
-    loss.backward()
-    if optimizer is not None:
-        optimizer.step()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    hwm = _read_vm_hwm()
-    peak_rss = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return MemoryLedger(
-        weights=weight_bytes_by_dtype(model),
-        gradients=_unique_storage_bytes(grads),
-        optimizer_state=optimizer_state_bytes(optimizer) if optimizer is not None else 0,
-        activations=activations,
-        peak_rss=peak_rss,
-        peak_rss_is_step_only=step_only and hwm is not None,
-        peak_cuda=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        loss=float(loss.detach()),
-    )
-
-
-def resident_peak(ledger: MemoryLedger, optimizer=None) -> int:
-    """Fast-tier bytes at the step's peak: weights + gradients + saved activations + the optimizer
-    state that is resident then: all of it for a plain optimizer, the peak resident pages for a
-    ``PagedOptimizer`` (its ``peak_resident_bytes``; the rest waits on the slow tier)."""
-    if optimizer is None:
-        state = 0
-    elif hasattr(optimizer, "peak_resident_bytes"):
-        state = optimizer.peak_resident_bytes
-    else:
-        state = ledger.optimizer_state
-    return ledger.weight_bytes + ledger.gradients + ledger.activations + state
-
+from lorakit.codebooks import BITS
+from lorakit.lora import LLAMA_PROJECTIONS
+from lorakit.memory.ledger import GB, MB, StepMemory
 
 # ----------------------------------------------------------------------------------------------
 # Quantized storage: the one place the estimator's 4-bit arithmetic lives
@@ -261,11 +63,10 @@ def quantized_bytes(numel: int, bits: int = 4, blocksize: int = 64, double_quant
 # The estimator: computed from shapes
 # ----------------------------------------------------------------------------------------------
 
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ATTENTION_NAMES = LINEAR_NAMES[:4]
-MLP_NAMES = LINEAR_NAMES[4:]
-METHODS = ("full", "lora", "qlora")
-OPTIMIZERS = {  # bytes of state per trainable parameter (the 8-bit one's absmax added separately)
+ATTENTION_PROJECTIONS = LLAMA_PROJECTIONS[:4]  # q, k, v, o
+MLP_PROJECTIONS = LLAMA_PROJECTIONS[4:]  # gate, up, down
+METHODS = ("full", "lora", "qlora")  # what trains: every weight, adapters on a 16/32-bit base, adapters on a k-bit base
+STATE_BYTES_PER_PARAM = {  # bytes of optimizer state per trainable parameter (the 8-bit one's absmax added apart)
     "adamw": 8,  # m and v in fp32 (the usual mixed-precision convention; fp32 params: the same)
     "adamw8bit": 2,  # m and v as 8-bit codes, blockwise (lorakit.adam8bit, bitsandbytes' Adam8bit)
     "paged_adamw": 8,  # AdamW's fp32 moments, paged out to CPU memory (lorakit.paged; QLoRA §3)
@@ -395,11 +196,11 @@ def model_shape(model) -> ModelShape:
 
 def _resolve_targets(targets) -> tuple[str, ...]:
     if targets == "all":
-        return LINEAR_NAMES
+        return LLAMA_PROJECTIONS
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    bad = [t for t in targets if t not in LINEAR_NAMES]
+    bad = [t for t in targets if t not in LLAMA_PROJECTIONS]
     if bad or not targets:
-        raise ValueError(f"targets {bad or targets!r}: each must be one of {LINEAR_NAMES} (or 'all')")
+        raise ValueError(f"targets {bad or targets!r}: each must be one of {LLAMA_PROJECTIONS} (or 'all')")
     return targets
 
 
@@ -433,7 +234,7 @@ def activation_bytes(shape: ModelShape, batch_size: int, seq_len: int, method: s
         raise ValueError(f"method {method!r}: expected one of {METHODS}")
     b, h, kv, i, a = dtype_bytes, shape.hidden_size, shape.kv_size, shape.intermediate_size, shape.num_heads
     tokens = batch_size * seq_len
-    x_fp32 = 4 if b != 4 else b  # RMSNorm upcasts its input to fp32 and saves that copy
+    x_fp32 = 4  # RMSNorm upcasts its input to fp32 and saves that copy, whatever the compute dtype
     attention = (2 * h + 2 * kv) * b + 4 * a  # q, k, v, output; fp32 log-sum-exp per head
     if method == "full":
         norms = 2 * (h * x_fp32 + 2 * h * b + 4)  # input, normalized, weight*normalized; rsqrt
@@ -443,7 +244,7 @@ def activation_bytes(shape: ModelShape, batch_size: int, seq_len: int, method: s
     else:
         t = _resolve_targets(targets)
         norms = 2 * (h * x_fp32 + 4)
-        lin_inputs = (any(n in t for n in ATTENTION_NAMES) + any(n in t for n in MLP_NAMES)) * h * b
+        lin_inputs = (any(n in t for n in ATTENTION_PROJECTIONS) + any(n in t for n in MLP_PROJECTIONS)) * h * b
         mlp = 3 * i * b + ("down_proj" in t) * i * b
         block = norms + lin_inputs + attention + mlp + len(t) * rank * b
         first_block = block - h * x_fp32 - 4  # layer 0's input comes from the frozen embedding
@@ -457,7 +258,7 @@ def activation_bytes(shape: ModelShape, batch_size: int, seq_len: int, method: s
 
 
 @dataclass
-class MemoryEstimate(FourLines):
+class MemoryEstimate(StepMemory):
     """Estimated bytes per line; ``weights`` split into the storage kinds that make it up."""
 
     shape: ModelShape
@@ -510,8 +311,8 @@ def estimate_memory(model="7B", method: str = "qlora", bits: int | None = None, 
     shape = model_shape(model)
     if method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {METHODS}")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer {optimizer!r}: expected one of {tuple(OPTIMIZERS)}")
+    if optimizer not in STATE_BYTES_PER_PARAM:
+        raise ValueError(f"optimizer {optimizer!r}: expected one of {tuple(STATE_BYTES_PER_PARAM)}")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype {dtype!r}: expected one of {tuple(DTYPE_BYTES)}")
     for arg, value in (("batch_size", batch_size), ("seq_len", seq_len), ("rank", rank)):
@@ -519,8 +320,8 @@ def estimate_memory(model="7B", method: str = "qlora", bits: int | None = None, 
             raise ValueError(f"{arg} must be a positive int, got {value!r}")
     if method == "qlora":
         bits = 4 if bits is None else bits
-        if bits not in (2, 3, 4, 8):
-            raise ValueError(f"bits={bits} for qlora: the base is quantized to 2, 3, 4 or 8 bits")
+        if bits not in BITS:
+            raise ValueError(f"bits={bits} for qlora: the base is quantized to one of {BITS} bits")
     else:
         bits = 8 * DTYPE_BYTES[dtype] if bits is None else bits
         if bits not in (16, 32):
@@ -543,7 +344,7 @@ def estimate_memory(model="7B", method: str = "qlora", bits: int | None = None, 
     else:
         trainable = lora_params(shape, rank, targets)
         weights["LoRA adapters"] = trainable * b
-    state = trainable * OPTIMIZERS[optimizer]
+    state = trainable * STATE_BYTES_PER_PARAM[optimizer]
     if optimizer == "adamw8bit":
         state += 2 * 4 * math.ceil(trainable / ADAM8BIT_BLOCKSIZE)  # fp32 absmax of m and of v
     paged = 0
@@ -558,7 +359,7 @@ def estimate_memory(model="7B", method: str = "qlora", bits: int | None = None, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Fits or not: the calculator's logic, and its command line
+# Fits or not: the logic of the calculator (lorakit.widgets.memory) and the command line (__main__)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -593,105 +394,3 @@ def check_fit(gpu_gb: float, **estimate_kwargs) -> FitCheck:
     if not gpu_gb > 0:
         raise ValueError(f"gpu_gb must be positive, got {gpu_gb}")
     return FitCheck(estimate_memory(**estimate_kwargs), int(gpu_gb * GB))
-
-
-def fit_figure(check: FitCheck):
-    """The calculator's picture: the estimate's lines stacked into one bar, against the GPU's memory."""
-    with default_style():
-        fig = new_figure(9.0, 2.4)
-        ax = fig.subplots()
-        left = 0.0
-        for (name, n), color in zip(check.estimate.lines().items(), _BAR_COLORS * 3):
-            ax.barh(0, n / GB, left=left, color=color, label=f"{name}: {n / GB:,.2f} GB")
-            left += n / GB
-        ax.axvline(check.gpu_bytes / GB, color="k", ls="--", lw=1.5, label=f"GPU: {check.gpu_bytes / GB:g} GB")
-        ax.set(yticks=[], xlabel="GB (10^9 bytes)", xlim=(0, 1.05 * max(left, check.gpu_bytes / GB)))
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-        ax.set_title(str(check).splitlines()[0], fontsize=10, color="tab:green" if check.fits else "tab:red")
-    return fig
-
-
-_BAR_COLORS = ["tab:blue", "tab:cyan", "tab:purple", "tab:orange", "tab:red", "tab:olive", "tab:gray"]
-
-
-class MemoryCalculator(PicturedControl):
-    """A thin ipywidgets front end to :func:`check_fit`: controls in, verdict and breakdown out.
-
-    Drive it from code as a learner would with the mouse::
-
-        calc = MemoryCalculator()
-        calc.controls["model"].value = "65B"; calc.update()
-        calc.result.fits
-    """
-
-    def __init__(self, model: str = "7B", method: str = "qlora", bits: int = 4, rank: int = 64,
-                 batch_size: int = 1, seq_len: int = 512, gradient_checkpointing: bool = True,
-                 gpu_gb: float = 24.0):
-        import ipywidgets as w
-
-        self.controls = {
-            "model": w.Dropdown(options=["135M", "1B", *LLAMA], value=model, description="model"),
-            "method": w.Dropdown(options=list(METHODS), value=method, description="method"),
-            "bits": w.Dropdown(options=[4, 8, 16, 32], value=bits, description="bits"),
-            "rank": w.IntSlider(value=rank, min=1, max=256, description="rank"),
-            "batch_size": w.IntSlider(value=batch_size, min=1, max=64, description="batch"),
-            "seq_len": w.IntSlider(value=seq_len, min=64, max=8192, step=64, description="seq len"),
-            "gradient_checkpointing": w.Checkbox(value=gradient_checkpointing, description="checkpointing"),
-            "gpu_gb": w.FloatSlider(value=gpu_gb, min=4, max=192, step=4, description="GPU GB"),
-        }
-        self.output = w.Output()
-        self.widget = w.VBox([*self.controls.values(), self.output])
-        self.result: FitCheck | None = None
-        self.error: str | None = None
-        for control in self.controls.values():
-            control.observe(lambda change: self.update(), names="value")
-        self.update()
-
-    def update(self) -> FitCheck | None:
-        """Recompute from the controls; an impossible combination (bits=4 with full) shows its error."""
-        kwargs = {k: c.value for k, c in self.controls.items()}
-        gpu_gb = kwargs.pop("gpu_gb")
-        self.output.clear_output()
-        try:
-            self.result, self.error = check_fit(gpu_gb, **kwargs), None
-        except ValueError as e:
-            self.result, self.error = None, str(e)
-        with self.output:
-            print(self.result if self.result is not None else f"cannot estimate: {self.error}")
-        return self.result
-
-    def figure(self):
-        """The picture of the current state (the book shows it): :func:`fit_figure`, or the error."""
-        if self.result is None:
-            return text_figure(f"cannot estimate: {self.error}")
-        return fit_figure(self.result)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m lorakit.memory 65B --method qlora``: print the breakdown and the total."""
-    parser = argparse.ArgumentParser(prog="python -m lorakit.memory", description=main.__doc__)
-    parser.add_argument("model", help="'7B', '13B', '33B', '65B' (LLaMA), or a size such as '1.5B', '350M'")
-    parser.add_argument("--method", choices=METHODS, default="qlora")
-    parser.add_argument("--bits", type=int, default=None)
-    parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--targets", default="all", help="'all' or a comma list such as q_proj,v_proj")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="adamw")
-    parser.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bfloat16")
-    parser.add_argument("--gpu-gb", type=float, default=None, help="also say whether it fits")
-    args = parser.parse_args(argv)
-    targets = args.targets if args.targets == "all" else tuple(args.targets.split(","))
-    kwargs = dict(model=args.model, method=args.method, bits=args.bits, rank=args.rank, targets=targets,
-                  batch_size=args.batch_size, seq_len=args.seq_len, optimizer=args.optimizer,
-                  gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype)
-    try:
-        print(check_fit(args.gpu_gb, **kwargs) if args.gpu_gb else estimate_memory(**kwargs))
-    except ValueError as e:
-        parser.error(str(e))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
