@@ -18,8 +18,9 @@ import torch
 
 from lorakit import add_lora, load_base_model, lora_layers
 from lorakit.data import split_documents, tokenize_blocks
+from lorakit.lora import LLAMA_PROJECTIONS
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = list(LLAMA_PROJECTIONS)  # every linear layer of the decoder blocks
 
 
 def step(model, batch) -> None:

@@ -18,7 +18,7 @@ import warnings
 import torch
 
 import lorakit
-from lorakit.steps import median_time  # median of repeats after one warm-up call
+from lorakit.timing import median_time  # median of repeats after one warm-up call
 
 
 def main() -> None:

@@ -65,7 +65,11 @@ _LAZY = {
     "MemoryCalculator": "lorakit.widgets.memory",
     "FinetuneControl": "lorakit.widgets.finetune",
 }
-_ALIASES = {"finetune_widget": ("lorakit.widgets.finetune", "FinetuneControl")}  # notebook 06's name for it
+# the notebooks' older names of two controls (04: tradeoff_widget(w), 06: finetune_widget(model, board))
+_ALIASES = {
+    "tradeoff_widget": ("lorakit.widgets.tradeoff", "TradeoffControl"),
+    "finetune_widget": ("lorakit.widgets.finetune", "FinetuneControl"),
+}
 
 
 def __getattr__(name: str):
@@ -157,6 +161,7 @@ __all__ = [
     "text_figure",
     "tokenize_blocks",
     "tokens_per_second",
+    "tradeoff_widget",
     "unload_lora",
     "unmerge_lora",
 ]

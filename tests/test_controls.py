@@ -11,16 +11,8 @@ from tiny_models import ALL_PROJ, tiny_llama
 
 from lorakit import add_lora, count_parameters, estimate_memory, quantization_tradeoff, quantize_model
 from lorakit import figure_png
-from lorakit.finetune.controls import (
-    RunBoard,
-    SettingReport,
-    block_weights,
-    check_setting,
-    finetune_widget,
-    loss_figure,
-    memory_figure,
-    setting_report,
-)
+from lorakit.finetune.report import RunBoard, SettingReport, block_weights, check_setting, setting_report
+from lorakit.widgets.finetune import FinetuneControl, loss_figure, memory_figure
 from lorakit.linear4bit import Linear4bit
 
 
@@ -76,8 +68,8 @@ def test_block_weights_is_the_middle_block():
     (0, 4, "nf", "rank=0 is not valid here; choose an integer from 1 to 64"),
     (65, 4, "nf", "rank=65"),
     (8, 5, "nf", r"bits=5 is not valid; choose one of \(2, 3, 4, 8\)"),
-    (8, 4, "nf4", "quant_type='nf4' is not valid"),
-    (8, 3, "fp", "FP4 \\(E2M1\\) has 4 bits"),
+    (8, 4, "nf4", r"kind='nf4' is not known; valid kinds are \('nf', 'int', 'fp'\)"),
+    (8, 3, "fp", r"kind='fp' is FP4 \(E2M1\) only, so bits must be 4, got bits=3"),
 ])
 def test_bad_settings_are_refused_clearly(rank, bits, quant_type, message):
     with pytest.raises(ValueError, match=message):
@@ -124,7 +116,7 @@ def test_board_passes_the_setting_and_keeps_runs():
 def test_widget_redraws_when_controls_move_and_train_adds_a_run():
     model = tiny_llama()
     trainer = FakeTrainer()
-    control = finetune_widget(model, RunBoard(trainer=trainer, steps=2), batch_size=2, seq_len=16)
+    control = FinetuneControl(model, RunBoard(trainer=trainer, steps=2), batch_size=2, seq_len=16)
     assert isinstance(control.report, SettingReport) and control.report.rank == 8
     first_picture = control.plot.value
     control.controls["rank"].value = 32
@@ -134,7 +126,7 @@ def test_widget_redraws_when_controls_move_and_train_adds_a_run():
     assert "rank 32" in control.text.value and f"{control.report.trainable_params:,}" in control.text.value
     assert control.plot.value == figure_png(memory_figure(control.report)) != first_picture
     control.controls["quant_type"].value = "fp"  # FP with 2 bits: a message, not a crash
-    assert isinstance(control.report, str) and "FP4 (E2M1) has 4 bits" in control.text.value
+    assert isinstance(control.report, str) and "FP4 (E2M1) only" in control.text.value
     assert control.button.disabled
     assert control.train() is None and trainer.calls == []  # nothing trains on an invalid setting
     control.controls["bits"].value = 4

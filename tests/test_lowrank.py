@@ -1,4 +1,4 @@
-"""Low-rank helpers, the GPT-3 arithmetic, the exercise checkers and the tiny training step."""
+"""Low-rank helpers, the GPT-3 arithmetic, the exercise checkers, the minimal training loop and the timing helpers."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from lorakit.lowrank import (
     rank_report,
     singular_values,
 )
-from lorakit.steps import eval_loss, median_time, train_step, train_steps
+from lorakit.timing import interleaved_latency, median_time
+from lorakit.train import eval_loss, train_step, train_steps
 
 
 @settings(max_examples=30, deadline=None)
@@ -136,7 +137,25 @@ def test_train_step_is_one_sgd_step():
     assert loss == ref_loss.item()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert torch.equal(p, q.detach().add(q.grad, alpha=-0.1)), name  # SGD: p <- p - lr * grad
-        assert p.grad is None  # gradients cleared for the next step
+        assert torch.equal(p.grad, q.grad), name  # this step's gradient is kept until the next step starts
+
+
+def test_train_step_clears_the_old_gradients_first():
+    """Two steps are two SGD steps, not one step on the sum of two gradients (zero_grad before backward)."""
+    model, reference = tiny_llama(), tiny_llama()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_step(model, batch, optimizer)
+    train_step(model, batch, optimizer)
+    for _ in range(2):
+        reference.zero_grad(set_to_none=True)
+        reference(**batch).loss.backward()
+        with torch.no_grad():
+            for q in reference.parameters():
+                q.add_(q.grad, alpha=-0.1)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
 
 
 def test_train_steps_cycles_batches_and_lowers_the_loss():
@@ -146,7 +165,7 @@ def test_train_steps_cycles_batches_and_lowers_the_loss():
     val = eval_loss(model, ids)
     losses = train_steps(model, [batch], torch.optim.AdamW(model.parameters(), lr=1e-2), steps=5)
     assert len(losses) == 5 and losses[-1] < losses[0]
-    assert not model.training
+    assert not model.training and all(p.grad is None for p in model.parameters())
     assert eval_loss(model, ids) < val
     with pytest.raises(ValueError, match="steps must be at least 1, got 0"):
         train_steps(model, [batch], torch.optim.SGD(model.parameters(), lr=0.1), steps=0)
@@ -158,5 +177,20 @@ def test_median_time_calls_warmup_plus_repeats():
     calls = []
     t = median_time(lambda: calls.append(1), repeats=5, warmup=2)
     assert len(calls) == 7 and t >= 0
-    with pytest.raises(ValueError, match="need repeats >= 1"):
+    with pytest.raises(ValueError, match="median_time needs repeats >= 1"):
         median_time(lambda: None, repeats=0)
+
+
+def test_interleaved_latency_times_every_function_in_every_round():
+    calls = {"a": 0, "b": 0}
+
+    def count(name):
+        def call():
+            calls[name] += 1
+        return call
+
+    result = interleaved_latency({"a": count("a"), "b": count("b")}, rounds=3, repeats=2)
+    assert calls == {"a": 1 + 3 * 2, "b": 1 + 3 * 2}  # one warm-up call, then rounds * repeats
+    assert set(result) == {"a", "b"} and all(r["seconds"] >= 0 and r["spread"] >= 0 for r in result.values())
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        interleaved_latency({"a": count("a")}, rounds=0, repeats=1)

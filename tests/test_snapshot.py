@@ -1,4 +1,4 @@
-"""Static pictures of the controls (lorakit.snapshot) and the tradeoff control's picture (lorakit.explore)."""
+"""Static pictures of the controls (lorakit.widgets.picture) and each control's picture (lorakit.widgets)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from lorakit import codebook, quantization_tradeoff
-from lorakit.explore import TradeoffControl, tradeoff_curve, tradeoff_figure
-from lorakit.snapshot import Pictured, figure_png, text_figure
+from lorakit.tradeoff import tradeoff_curve
+from lorakit.widgets.picture import Pictured, figure_png, text_figure
+from lorakit.widgets.tradeoff import TradeoffControl, tradeoff_figure
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -86,7 +87,8 @@ def test_a_pictured_control_displays_the_widget_and_its_picture(w):
 
 def test_rank_control_shows_the_report_and_its_picture():
     pytest.importorskip("ipywidgets")
-    from lorakit.lowrank import RankControl, rank_figure, rank_report, singular_values
+    from lorakit.lowrank import rank_report, singular_values
+    from lorakit.widgets.rank import RankControl, rank_figure
 
     g = torch.Generator().manual_seed(0)
     dW = torch.randn(40, 8, generator=g) @ torch.randn(8, 60, generator=g)  # (d_out, d_in), rank 8
@@ -104,7 +106,7 @@ def test_rank_control_shows_the_report_and_its_picture():
 def test_memory_calculator_pictures_its_verdict():
     pytest.importorskip("ipywidgets")
     from lorakit import MemoryCalculator, check_fit
-    from lorakit.memory import fit_figure
+    from lorakit.widgets.memory import fit_figure
 
     calc = MemoryCalculator(model="7B", gpu_gb=24)
     bundle = calc._repr_mimebundle_()

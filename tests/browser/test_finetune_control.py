@@ -24,8 +24,10 @@ from lab import (
 )
 
 from lorakit import load_base_model, setting_report
-from lorakit.finetune.controls import BITS, RANKS, memory_figure
-from lorakit.snapshot import figure_png
+from lorakit.codebooks import BITS
+from lorakit.finetune.report import RANKS
+from lorakit.widgets.finetune import memory_figure
+from lorakit.widgets.picture import figure_png
 
 NOTEBOOK = "06_qlora_finetune.ipynb"
 CONTROL = ".jp-NotebookPanel .lorakit-finetune-"  # + rank / bits / quant_type / report / plot / train / runs

@@ -20,8 +20,8 @@ from lab import (
 )
 
 from lorakit import load_base_model, quantization_tradeoff
-from lorakit.explore import tradeoff_figure
-from lorakit.snapshot import figure_png
+from lorakit.widgets.picture import figure_png
+from lorakit.widgets.tradeoff import tradeoff_figure
 
 NOTEBOOK = "04_nf4_and_double_quant.ipynb"
 CONTROL = ".jp-NotebookPanel .lorakit-tradeoff-"  # + bits / quant_type / blocksize / result / plot
