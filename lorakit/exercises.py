@@ -15,6 +15,7 @@ from torch import nn
 from lorakit.blockwise import dequantize_blockwise, quantize_blockwise
 from lorakit.lora import LoRALinear
 from lorakit.lowrank import lora_param_count
+from lorakit.memory import lora_params, model_shape
 from lorakit.tradeoff import quantization_tradeoff
 
 SHAPES = [(16, 16, 1), (64, 32, 4), (576, 192, 8), (4096, 4096, 16)]  # (d_in, d_out, r)
@@ -87,8 +88,6 @@ def check_trainable_params(fn: Callable[[object, int], int], config) -> str:
     Compared with ``lorakit.memory.lora_params``, which counts ``r * (d_in + d_out)`` per
     projection from the config's shapes (k_proj and v_proj are narrower under grouped-query attention).
     """
-    from lorakit.memory import lora_params, model_shape
-
     shape = model_shape(config)
     for r in (1, 8, 64):
         got, want = fn(config, r), lora_params(shape, r)

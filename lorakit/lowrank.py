@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lorakit.train import train_steps
+
 
 def singular_values(matrix: torch.Tensor) -> torch.Tensor:
     """Singular values of a 2-D matrix, largest first, computed in float64."""
@@ -82,8 +84,6 @@ def full_finetune_delta(model: nn.Module, module_name: str, batches: list[dict],
     Only ``module_name``'s weight trains; afterwards the weight and every ``requires_grad`` flag
     are restored, so the model is left as it was. ``dW = W_after - W_before``: ``(d_out, d_in)``.
     """
-    from lorakit.train import train_steps
-
     layer = model.get_submodule(module_name)
     if not isinstance(layer, nn.Linear):
         raise ValueError(f"{module_name!r} is a {type(layer).__name__}, not an nn.Linear")

@@ -18,12 +18,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from lorakit._io import atomic_write_json, atomic_write_text
 from lorakit.lab.claims import evaluate_claims, markdown_table
 from lorakit.lab.config import RUNS, LabConfig, device_and_dtype
 from lorakit.lab.inference import inference_run
 from lorakit.lab.measure import train_run
+from lorakit.lowrank import Gpt3LoRA
+from lorakit.memory import LLAMA, QLORA_PAPER_SETTING, check_fit, estimate_memory
 
 
 @dataclass
@@ -71,8 +74,6 @@ def run_lab(config: LabConfig | None = None, adapter_dir: str | os.PathLike | No
     start = time.perf_counter()
     folder = Path(adapter_dir) if adapter_dir is not None else Path(tempfile.mkdtemp(prefix="lorakit-lab-"))
     jobs = [*RUNS, "inference"]
-    from tqdm.auto import tqdm
-
     bar = tqdm(jobs, desc="lab", disable=not progress)
     runs: dict = {}
     try:
@@ -110,9 +111,6 @@ def scale_estimates() -> dict:
     Computed by :func:`lorakit.estimate_memory` (checked against the ledger and the QLoRA paper's
     Figure 6 in ``tests/test_memory.py``) and :class:`lorakit.lowrank.Gpt3LoRA`; nothing here is measured.
     """
-    from lorakit.lowrank import Gpt3LoRA
-    from lorakit.memory import LLAMA, QLORA_PAPER_SETTING, check_fit, estimate_memory
-
     def fit(gpu_gb, size, method, **kw):
         check = check_fit(gpu_gb, model=size, method=method, **kw)
         return dict(total=check.estimate.total, fits=check.fits)
