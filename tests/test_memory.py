@@ -204,6 +204,21 @@ def test_quantized_bytes_equal_bitsandbytes_tensors(numel, double_quant):
     assert quantized_bytes(numel, 4, 64, double_quant) == real
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("numel", [64 * 256 * 3, 4096 * 11 + 64 * 5, 1000])
+def test_quantized_bytes_equal_lorakits_own_tensors(numel, bits, double_quant):
+    """The estimator's formula against the bytes lorakit's quantizer really stores (codebook tables aside)."""
+    from lorakit import quantize_blockwise, storage
+
+    packed, state = quantize_blockwise(torch.randn(numel), "nf", 64, double_quant, bits)
+    s = storage(packed, state)
+    offset = 0 if state.offset is None else state.offset.nbytes  # double quantization's one fp32 mean
+    assert quantized_bytes(numel, bits, 64, double_quant) == s.code_bytes + s.absmax_bytes + s.absmax2_bytes + offset
+    if numel % (64 * 256) == 0:  # whole blocks at both levels: the per-parameter formula is exact
+        assert s.bits_per_parameter == pytest.approx(quantized_bits_per_param(bits, 64, double_quant), rel=1e-12)
+
+
 @pytest.mark.parametrize("size", list(LLAMA))
 def test_llama_shapes_count_like_transformers(size):
     from transformers import LlamaConfig, LlamaForCausalLM
