@@ -433,3 +433,18 @@ def test_status_of_an_unreadable_entry_says_so_instead_of_crashing(shared_cache)
     code, output = as_nobody(student)
     assert code == 0, output
     assert "kjv                      cannot read" in output and "Permission denied" in output
+
+
+def test_no_unix_only_lock_module_at_import_time():
+    """``import lorakit`` must work on Windows: no module imports fcntl (or msvcrt) at its top level."""
+    import ast
+
+    import lorakit
+
+    found = []
+    for path in sorted(Path(lorakit.__file__).parent.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("fcntl", "msvcrt")]
+    assert found == []
