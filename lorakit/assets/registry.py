@@ -88,6 +88,17 @@ def describe_cache_dir() -> str:
     return str(cache_dir())
 
 
+def check_cache_is_a_folder() -> Path:
+    """The cache folder (it may not exist yet), or an error when its path is a file."""
+    root = cache_dir()
+    if root.exists() and not root.is_dir():
+        raise AssetError(
+            f"the cache path {describe_cache_dir()} is a file, not a folder; "
+            "point LORAKIT_CACHE at a folder (or unset it to use ~/.cache/lorakit)"
+        )
+    return root
+
+
 def get_asset(name: str) -> Asset:
     """The asset called ``name``, or an error listing the known ones."""
     if name not in ASSETS:
