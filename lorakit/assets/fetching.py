@@ -52,7 +52,7 @@ def _writable_cache() -> Path:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise AssetError(
-            f"cannot create the cache folder {describe_cache_dir()} ({e.strerror or e}); "
+            f"cannot create the cache folder {describe_cache_dir()}: {e.strerror or e}; "
             "set LORAKIT_CACHE to a folder you can write"
         ) from e
     if not os.access(root, os.W_OK | os.X_OK):
@@ -72,7 +72,7 @@ def _lock() -> Iterator[Path]:
         lock.acquire()
     except OSError as e:
         raise AssetError(
-            f"cannot lock the cache folder {describe_cache_dir()} ({e.strerror or e}); "
+            f"cannot lock the cache folder {describe_cache_dir()}: {e.strerror or e}; "
             "set LORAKIT_CACHE to a folder you can write"
         ) from e
     try:
