@@ -1,41 +1,66 @@
 # lorakit: `make lab` to learn, `make test` to check. See README.md.
 #
 # Everything is installed into .venv by these rules; nothing is assumed to be on the machine
-# except Python 3 (>= 3.10) with venv, and make.
+# except Python 3 (>= 3.10) with venv, and make. `make test` also finds or installs a Chromium.
 
 PYTHON ?= python3
 VENV   ?= .venv
-# Installed before everything else, so the packages that need torch find it there.
-# CPU-only machines: TORCH="torch --index-url https://download.pytorch.org/whl/cpu" (see README).
-TORCH  ?= torch
+# torch is installed before everything else, so the packages that need it find it there. The tests
+# compare bit for bit, so the default is the release they were last run with (constraints.txt pins the rest).
+TORCH  ?= torch==2.13.0
+# On Linux without an NVIDIA GPU, torch comes from PyTorch's CPU index (the CPU build, instead of several
+# GB of CUDA libraries) when that index answers within 5 s; otherwise from pip's own index and config.
+# TORCH_CPU_INDEX= (empty) always uses pip's index; TORCH="torch --index-url ..." chooses outright.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # Lab server: LAB_IP=0.0.0.0 to reach it from another machine (mind the token it prints).
 LAB_IP   ?= 127.0.0.1
 LAB_PORT ?= 8888
-# Notebook tests run one notebook per worker; each test process gets TEST_THREADS torch threads,
-# so that two workers do not fight over two cores (oversubscribed, a step ran 3-30x slower).
+# Tests run in TEST_WORKERS processes (notebooks: NBVAL_WORKERS, one notebook each); each gets
+# TEST_THREADS torch threads, so that two workers do not fight over two cores (oversubscribed, a step
+# ran 3-30x slower).
+TEST_WORKERS  ?= 2
 NBVAL_WORKERS ?= 2
 TEST_THREADS  ?= 1
-CHROMIUM ?= chromium
+# The browser tests' Chromium: empty finds one (see the chromium rule), or CHROMIUM=/path/to/chromium.
+CHROMIUM ?=
 
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.lorakit-installed
+# The torch choice: rewritten only when it changes, so that a new TORCH reinstalls (STAMP depends on it).
+TORCH_CHOICE  := $(VENV)/.lorakit-torch
+CHROMIUM_PATH := $(VENV)/.lorakit-chromium
 ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
+PYTEST := OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest
 
-.PHONY: help install assets lab test unit notebooks browser book env clean
+.PHONY: help install assets lab test unit slow lint notebooks browser chromium book env clean FORCE
 
 help:
-	@echo "make lab    set up everything and start JupyterLab on notebooks/"
-	@echo "make test   set up everything and run the unit tests and every notebook"
-	@echo "make book   build the Jupyter Book into book/_build/html"
-	@echo "make env    regenerate environment.yml from pyproject.toml"
+	@echo "make lab        set up everything and start JupyterLab on notebooks/"
+	@echo "make test       set up everything, then lint and run every test: unit, slow, notebooks, browser"
+	@echo "make unit       the fast unit tests (no SmolLM2, no book build): the quick loop"
+	@echo "make slow       the slow tests (those that load SmolLM2, build the book, run pyproject2conda)"
+	@echo "make lint       ruff check and ruff format --check"
+	@echo "make book       build the Jupyter Book into book/_build/html"
+	@echo "make env        regenerate environment.yml from pyproject.toml"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml constraints.txt | $(PY)
+$(TORCH_CHOICE): FORCE | $(PY)
+	@echo '$(TORCH) $(TORCH_CPU_INDEX)' | cmp -s - $@ 2>/dev/null || echo '$(TORCH) $(TORCH_CPU_INDEX)' > $@
+
+# The pip options that pick torch's build (printed to stdout; the reason to stderr).
+TORCH_INDEX_OPTIONS = case '$(TORCH)' in (*index-url*) exit 0;; esac; \
+	[ -n '$(TORCH_CPU_INDEX)' ] && [ "$$(uname -s)" = Linux ] || exit 0; \
+	{ [ -e /proc/driver/nvidia/version ] || command -v nvidia-smi >/dev/null 2>&1; } && exit 0; \
+	if $(PY) -c "import urllib.request as u; u.urlopen(u.Request('$(TORCH_CPU_INDEX)/torch/', method='HEAD'), timeout=5)" 2>/dev/null; \
+	then echo "No NVIDIA GPU: the CPU build of torch, from $(TORCH_CPU_INDEX)" >&2; echo "--index-url $(TORCH_CPU_INDEX)"; \
+	else echo "No NVIDIA GPU, but $(TORCH_CPU_INDEX) does not answer: torch from pip's own index" >&2; fi
+
+$(STAMP): pyproject.toml constraints.txt $(TORCH_CHOICE) | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet $(TORCH) $$($(TORCH_INDEX_OPTIONS))
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[reference,lab,dev]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (lorakit)" >/dev/null
 	@# JupyterLab offline: no news feed or update check (they call out to the internet).
 	mkdir -p $(VENV)/share/jupyter/lab/settings
@@ -53,20 +78,58 @@ lab: assets
 	$(VENV)/bin/jupyter-lab --no-browser --ip=$(LAB_IP) --port=$(LAB_PORT) \
 		--ServerApp.root_dir=notebooks $(ROOT_FLAG)
 
+# Markers (pyproject.toml, tests/conftest.py): `model` loads SmolLM2, `slow` takes long (every `model`
+# test, the book builds, the pyproject2conda runs).
 unit: assets
-	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest tests -q -n $(NBVAL_WORKERS) --ignore=tests/browser
+	$(PYTEST) tests -q -n $(TEST_WORKERS) -m "not slow" --ignore=tests/browser
+
+slow: assets
+	$(PYTEST) tests -q -n $(TEST_WORKERS) -m slow --ignore=tests/browser
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 notebooks: assets
-	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest notebooks -q -n $(NBVAL_WORKERS) --dist loadfile \
+	$(PYTEST) notebooks -q -n $(NBVAL_WORKERS) --dist loadfile \
 		--nbval-lax --nbval-current-env --nbval-cell-timeout=1200 \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg
 
-# Browser tests: JupyterLab in Debian's Chromium (apt-get install chromium; .ci/run does it).
-browser: assets
-	@command -v $(CHROMIUM) >/dev/null || { echo "Chromium is needed for the browser tests: sudo apt-get install chromium (or CHROMIUM=/path/to/chromium)"; exit 1; }
-	LORAKIT_CHROMIUM=$$(command -v $(CHROMIUM)) $(PY) -m pytest tests/browser -q -p no:xdist
+# A Chromium for the browser tests, its path kept in $(CHROMIUM_PATH): CHROMIUM when set; else one
+# already here (the system's, or Playwright's own); else Playwright's own, downloaded where its servers
+# answer; else Debian's package (apt-get, as root or through sudo -n). Only where none of these works
+# does it stop, with the one-line instruction.
+chromium: $(STAMP)
+	@playwright_chromium() { $(PY) -c "from playwright.sync_api import sync_playwright; p = sync_playwright().start(); print(p.chromium.executable_path); p.stop()" 2>/dev/null; }; \
+	runs() { [ -n "$$1" ] && [ -x "$$1" ] && "$$1" --headless --no-sandbox --version >/dev/null 2>&1; }; \
+	if [ -n '$(CHROMIUM)' ]; then \
+		exe=$$(command -v '$(CHROMIUM)') && runs "$$exe" || { echo "CHROMIUM=$(CHROMIUM) is not a Chromium that runs here"; exit 1; }; \
+	else \
+		exe=$$(command -v chromium || command -v chromium-browser); \
+		runs "$$exe" || exe=$$(playwright_chromium); \
+		if ! runs "$$exe"; then \
+			echo "Downloading Playwright's Chromium (playwright install chromium)"; \
+			PLAYWRIGHT_DOWNLOAD_CONNECTION_TIMEOUT=15000 $(PY) -m playwright install chromium >$(VENV)/playwright-install.log 2>&1 \
+				|| echo "  not reachable here (see $(VENV)/playwright-install.log)"; \
+			exe=$$(playwright_chromium); \
+		fi; \
+		if ! runs "$$exe" && command -v apt-get >/dev/null 2>&1; then \
+			if [ "$$(id -u)" = 0 ]; then sudo=; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; else sudo=none; fi; \
+			if [ "$$sudo" != none ]; then \
+				echo "Installing Debian's chromium (apt-get install chromium)"; \
+				$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium >/dev/null; \
+				exe=$$(command -v chromium); \
+			fi; \
+		fi; \
+		runs "$$exe" || { echo "The browser tests need Chromium: sudo apt-get install chromium, or $(PY) -m playwright install --with-deps chromium, or make test CHROMIUM=/path/to/chromium"; exit 1; }; \
+	fi; \
+	echo "Chromium for the browser tests: $$exe"; \
+	echo "$$exe" > $(CHROMIUM_PATH)
 
-test: unit notebooks browser
+browser: assets chromium
+	LORAKIT_CHROMIUM=$$(cat $(CHROMIUM_PATH)) $(PY) -m pytest tests/browser -q -p no:xdist
+
+test: lint unit slow notebooks browser
 
 book: $(STAMP)
 	$(VENV)/bin/jupyter-book build book --warningiserror --keep-going
