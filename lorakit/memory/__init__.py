@@ -38,6 +38,7 @@ from lorakit.memory.ledger import (
     MemoryLedger,
     StepMemory,
     memory_ledger,
+    return_freed_memory,
     model_bytes,
     optimizer_state_bytes,
     peak_rss_bytes,
@@ -51,6 +52,6 @@ __all__ = [
     "ADAM8BIT_BLOCKSIZE", "ATTENTION_PROJECTIONS", "DTYPE_BYTES", "GB", "LLAMA", "MB", "METHODS", "MLP_PROJECTIONS",
     "QLORA_PAPER_FIGURE6_MB", "QLORA_PAPER_SETTING", "STATE_BYTES_PER_PARAM", "FitCheck", "MemoryEstimate",
     "MemoryLedger", "ModelShape", "StepMemory", "activation_bytes", "check_fit", "estimate_memory", "lora_params",
-    "memory_ledger", "model_bytes", "model_shape", "optimizer_state_bytes", "peak_rss_bytes", "quantized_bits_per_param",
+    "memory_ledger", "model_bytes", "return_freed_memory", "model_shape", "optimizer_state_bytes", "peak_rss_bytes", "quantized_bits_per_param",
     "quantized_bytes", "quantized_storage", "resident_peak", "rss_parts", "weight_bytes_by_dtype",
 ]

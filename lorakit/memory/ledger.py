@@ -167,6 +167,36 @@ def rss_parts() -> dict[str, int] | None:
     return {key.removeprefix("Rss").lower(): int(value.split()[0]) * 1024 for key, value in fields_kb.items()}
 
 
+# glibc's mallopt parameter number for the mmap threshold (malloc.h: #define M_MMAP_THRESHOLD -3).
+_M_MMAP_THRESHOLD = -3
+RETURN_THRESHOLD = 1 << 20  # bytes: allocations at least this large get their own mapping
+
+
+def return_freed_memory(threshold: int = RETURN_THRESHOLD) -> bool:
+    """Make freed tensors leave the process's resident memory at once (Linux with glibc); True if set.
+
+    PyTorch allocates CPU tensors with ``malloc``. glibc serves a request of at least the *mmap
+    threshold* with its own memory mapping, returned to the system by ``free``; smaller ones come from
+    its heap, which keeps freed space for reuse. The threshold starts at 128 KiB but glibc raises it
+    (up to 32 MiB) each time such a mapping is freed (``man mallopt``, M_MMAP_THRESHOLD). A training
+    step frees large tensors all the time (each 4-bit layer's dequantized weight, twice a step; the
+    logits), so the threshold climbs, those tensors move into the heap, and resident memory grows far
+    past what the step holds at any moment: on SmolLM2's QLoRA step, 2.7 GB of peak RSS against 1.8 GB
+    with the threshold fixed. Setting the threshold fixes it (and turns off the raising), so every
+    tensor of ``threshold`` bytes or more is mapped on its own and handed back when freed.
+    Elsewhere (macOS, Windows, musl) this does nothing and returns False.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def _reset_peak_rss() -> bool:
     """Ask Linux to reset the peak (``echo 5 > /proc/self/clear_refs``); False where it cannot."""
     try:
