@@ -1,4 +1,8 @@
-"""A tiny Llama (the SmolLM2 architecture, a few thousand parameters) and peft helpers for the LoRA tests."""
+"""Tiny random models built from configs (nothing downloaded) and peft helpers, shared by the tests.
+
+``tiny_llama`` is the SmolLM2 architecture with a few thousand parameters; the one home for it
+(the other tests import it from here, with keyword overrides for their own sizes).
+"""
 
 from __future__ import annotations
 
@@ -7,27 +11,37 @@ import copy
 import torch
 from torch import nn
 
-ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from lorakit.lora import LLAMA_PROJECTIONS
+
+ALL_PROJ = list(LLAMA_PROJECTIONS)
 
 
-def tiny_llama(seed: int = 0, hidden_size: int = 32, intermediate_size: int = 48):
+def tiny_llama(
+    seed: int = 0, hidden_size: int = 32, intermediate_size: int = 48, *, vocab_size: int = 64,
+    num_hidden_layers: int = 2, tie_word_embeddings: bool = True, eval_mode: bool = True, **config,
+):
+    """A random ``LlamaForCausalLM`` (seeded); ``config`` passes further ``LlamaConfig`` fields
+    (e.g. ``attention_dropout``). In eval mode unless ``eval_mode=False``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+    settings = dict(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, tie_word_embeddings=tie_word_embeddings,
     )
+    settings.update(config)
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(LlamaConfig(**settings))
+    return model.eval() if eval_mode else model
 
 
-def peft_model(base: nn.Module, targets, r: int = 4, alpha: float = 8, **kwargs):
-    """peft's LoRA on a deep copy of ``base``."""
+def peft_model(base: nn.Module, targets, r: int = 4, alpha: float = 8, autocast_adapter_dtype: bool = True, **kwargs):
+    """peft's LoRA on a deep copy of ``base``; ``targets`` a list of names or peft's ``"all-linear"``."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), **kwargs)
-    return get_peft_model(copy.deepcopy(base), config)
+    targets = targets if isinstance(targets, str) else list(targets)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, **kwargs)
+    return get_peft_model(copy.deepcopy(base), config, autocast_adapter_dtype=autocast_adapter_dtype)
 
 
 def randomize_lora(model: nn.Module, seed: int = 1) -> None:
