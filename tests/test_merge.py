@@ -316,3 +316,24 @@ def test_smollm2_dequantized_merge_round_trip(smollm2, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert torch.equal(logits(reloaded, ids), merged_logits)
     assert tokens_per_second(reloaded, tokenizer, "Shall I", new_tokens=4, repeats=1) > 0
+
+
+# ---------------------------------------------------------------- safe merge
+
+
+@pytest.mark.parametrize("strategy", ["dequantized", "requantized", "original"])
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_a_nan_or_inf_adapter_is_refused_and_the_model_left_as_it_was(tiny, strategy, value):
+    model = qlora(tiny)
+    bad = "model.layers.1.mlp.down_proj"  # the last LoRA layer: the others would be merged before it
+    with torch.no_grad():
+        lora_layers(model)[bad].lora_A[0, 0] = value
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    modules = dict(model.named_modules())
+    original = tiny if strategy == "original" else None
+    with pytest.raises(ValueError, match=rf"merge_qlora: LoRA layer '{bad}': refusing to merge.*lora_A has .* values.*No base weight was changed"):
+        merge_qlora(model, strategy, original=original)
+    assert dict(model.named_modules()) == modules  # the very same modules, none replaced
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.allclose(after[n], before[n], rtol=0, atol=0, equal_nan=True) for n in before)  # bit for bit

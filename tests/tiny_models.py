@@ -73,3 +73,45 @@ def peft_linear(base: nn.Module, r: int, alpha: float, **kwargs):
     from peft.tuners.lora.layer import Linear
 
     return Linear(base, "default", config=LoraConfig(r=r, lora_alpha=alpha, **kwargs), r=r, lora_alpha=alpha)
+
+
+# ---------------------------------------------------------------- other architectures (tests/test_architectures.py)
+def tiny_gpt2(seed: int = 0):
+    """GPT-2: every projection is a ``Conv1D`` (weight stored (d_in, d_out)); lm_head is tied to wte."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)).eval()
+
+
+def tiny_t5(seed: int = 0):
+    """T5 (encoder-decoder): ``T5DenseActDense.forward`` reads ``self.wo.weight.dtype``; ``wo`` is kept in fp32."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+                      decoder_start_token_id=0, pad_token_id=0)
+    return T5ForConditionalGeneration(config).eval()
+
+
+def tiny_whisper(seed: int = 0):
+    """Whisper: its output head ``proj_out`` is tied to the decoder's embeddings and is not called ``lm_head``."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = WhisperConfig(vocab_size=64, num_mel_bins=8, d_model=64, encoder_layers=1, decoder_layers=1,
+                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                           max_source_positions=16, max_target_positions=16, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2, decoder_start_token_id=1, suppress_tokens=None, begin_suppress_tokens=None)
+    return WhisperForConditionalGeneration(config).eval()
+
+
+def tiny_inputs(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A small batch with labels for any of the tiny models (so ``model(**batch).loss`` exists)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 64, (2, 10), generator=g)  # (B, T)
+    name = type(model).__name__
+    if name.startswith("Whisper"):
+        features = torch.randn(2, model.config.num_mel_bins, 2 * model.config.max_source_positions, generator=g)
+        return {"input_features": features, "labels": ids}  # (B, n_mels, 2 * positions)
+    return {"input_ids": ids, "labels": ids}
