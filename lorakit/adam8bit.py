@@ -5,7 +5,8 @@ recipes: ``m`` and ``v`` are kept as one byte per element plus one fp32 ``absmax
 256 elements, so the state costs about 2 bytes per parameter instead of 8. Each step
 dequantizes the block, does the ordinary fp32 AdamW update, and quantizes again.
 
-The code book is the *dynamic* data type (Dettmers 2016, "8-Bit Approximations for Parallelism"):
+The code book is the *dynamic* data type (Dettmers, "8-Bit Approximations for Parallelism in Deep
+Learning", ICLR 2016, arXiv:1511.04561):
 a sign bit, a run of zero bits whose length is the decimal exponent, an indicator bit, and the
 remaining bits as a linear fraction. Values near zero get many codes, large ones few, which
 suits moments spanning several orders of magnitude. ``create_dynamic_map`` (in codebooks.py) mirrors
