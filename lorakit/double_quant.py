@@ -9,6 +9,11 @@ dynamic type in blocks of 256, keeping one float32 "second-level" absmax per 256
 Mirrors ``bitsandbytes.functional.quantize_4bit(compress_statistics=True)`` on the CPU
 (bitsandbytes 0.50.2): ``offset = absmax.mean()``, then ``quantize_blockwise(absmax - offset,
 blocksize=256)``, which runs the C kernel ``quantize_cpu_impl`` (csrc/cpu_ops.cpp).
+
+Why a second 8-bit quantizer: lorakit's other 8-bit path (adam8bit.py's moments) takes the nearest
+code with ``bucketize``, as bitsandbytes' pure-PyTorch kernel does. The CPU C kernel instead reads
+a 65,536-entry lookup table, which picks a neighbouring code for a few values in a thousand; to
+store the same bytes as ``quantize_4bit(compress_statistics=True)`` we copy that table here.
 """
 
 from __future__ import annotations
