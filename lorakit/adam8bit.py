@@ -31,7 +31,9 @@ BLOCKSIZE = 256  # bitsandbytes' blockwise optimizers: one absmax per 256 elemen
 MIN_8BIT_SIZE = 4096  # smaller tensors keep fp32 state (bitsandbytes' ``min_8bit_size``)
 
 
-def _quantize_state(x: torch.Tensor, code: torch.Tensor, blocksize: int = BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_state(
+    x: torch.Tensor, code: torch.Tensor, blocksize: int = BLOCKSIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A moment tensor -> (uint8 codes shaped like ``x``, float32 absmax per block of ``blocksize``).
 
     The same two steps as the 4-bit weights (blockwise.py): scale each block into [-1, 1] by its

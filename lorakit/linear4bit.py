@@ -168,7 +168,8 @@ def kept_in_full_precision(model: nn.Module) -> set[str]:
     embedding_weight = getattr(embedding, "weight", None)
     keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     for name, module in model.named_modules():
-        tied = module is not embedding and embedding_weight is not None and module._parameters.get("weight") is embedding_weight
+        weight = module._parameters.get("weight")
+        tied = module is not embedding and embedding_weight is not None and weight is embedding_weight
         if name and (tied or module is head or _skipped(name, keep_fp32)):
             kept.add(name)
     return kept

@@ -301,7 +301,9 @@ def all_linear_names(model: nn.Module) -> list[str]:
     head = get_head() if callable(get_head) else None
     names = [n for n, m in model.named_modules() if n and isinstance(m, LORA_BASE_TYPES) and m is not head]
     if not names:
-        raise ValueError(f"targets='all-linear' found no Linear module in {type(model).__name__} besides its output head")
+        raise ValueError(
+            f"targets='all-linear' found no Linear module in {type(model).__name__} besides its output head"
+        )
     return names
 
 

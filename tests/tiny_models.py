@@ -81,7 +81,8 @@ def tiny_gpt2(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)).eval()
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(config).eval()
 
 
 def tiny_t5(seed: int = 0):
