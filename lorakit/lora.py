@@ -120,9 +120,10 @@ class LoRALinear(nn.Module):
         return (weight + sign * delta).to(weight.dtype)
 
     def merge(self) -> None:
-        """``W0 <- W0 + dW`` (peft's ``Linear.merge(safe_merge=True)``); forward then skips the LoRA path.
+        """``W0 <- W0 + dW`` (peft's ``Linear.merge``); forward then skips the LoRA path.
 
-        A NaN or Inf in the result is refused before ``W0`` is written (``ValueError``).
+        The sum is rounded once, as peft's default merge; a NaN or Inf in it is refused before
+        ``W0`` is written (``ValueError``), as peft's ``merge(safe_merge=True)`` refuses it.
         """
         self._check_mergeable("merge")
         if self.merged:
@@ -321,8 +322,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Undo ``merge_lora``: ``W0 <- W0 - (alpha / r) B A``; returns the model."""
-    for layer in _layers_not_yet(model, "unmerge_lora", merged=False).values():
+    """Undo ``merge_lora``: ``W0 <- W0 - (alpha / r) B A``; returns the model (checked as ``merge_lora``)."""
+    layers = _layers_not_yet(model, "unmerge_lora", merged=False)
+    _check_all_merges(layers, "unmerge_lora", sign=-1)
+    for layer in layers.values():
         layer.unmerge()
     return model
 
@@ -339,11 +342,12 @@ def unload_lora(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _check_all_merges(layers: dict[str, LoRALinear], what: str) -> None:
-    """Compute each ``W0 + dW`` (one layer at a time) and refuse before anything is written."""
+def _check_all_merges(layers: dict[str, LoRALinear], what: str, sign: int = 1) -> None:
+    """Compute each ``W0 + sign * dW`` (one layer at a time) and refuse before anything is written."""
+    verb = "merge" if sign > 0 else "unmerge"
     for name, layer in layers.items():
-        layer._check_mergeable("merge")
-        check_finite_merge(f"{what}: LoRA layer {name!r}", layer, layer.merged_weight(+1))
+        layer._check_mergeable(verb)
+        check_finite_merge(f"{what}: LoRA layer {name!r}", layer, layer.merged_weight(sign), verb)
 
 
 def _layers_not_yet(model: nn.Module, what: str, merged: bool) -> dict[str, LoRALinear]:

@@ -264,6 +264,20 @@ def test_a_nan_or_inf_adapter_is_not_merged_and_the_base_is_untouched(tiny, merg
     assert len(lora_layers(model)) == 14 and not any(layer.merged for layer in lora_layers(model).values())
 
 
+def test_unmerge_with_an_adapter_broken_after_merging_is_refused(tiny):
+    model = add_lora(copy.deepcopy(tiny), ALL_PROJ, r=4, alpha=8)
+    randomize_lora(model)
+    merge_lora(model)
+    bad = "model.layers.1.self_attn.v_proj"
+    _poison(model, bad, part="lora_A")
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"unmerge_lora: LoRA layer '{bad}': refusing to unmerge.*lora_A has 1 NaN"):
+        unmerge_lora(model)
+    after = model.state_dict()
+    assert all(torch.allclose(after[n], before[n], rtol=0, atol=0, equal_nan=True) for n in before)
+    assert all(layer.merged for layer in lora_layers(model).values())
+
+
 def test_merge_that_overflows_the_base_dtype_is_refused():
     layer = LoRALinear(nn.Linear(4, 4, dtype=torch.float16), r=2, alpha=2)
     with torch.no_grad():
