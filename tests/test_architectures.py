@@ -239,3 +239,21 @@ def test_gpt2_qlora_matches_peft_on_bitsandbytes(tmp_path):
     peft_layers = dict(theirs.base_model.model.named_modules())
     for name, layer in lora_layers(ours).items():
         assert torch.equal(layer.lora_B.grad, peft_layers[name].lora_B["default"].weight.grad), name
+
+
+@pytest.mark.parametrize("strategy", ["dequantized", "requantized", "original"])
+def test_gpt2_qlora_merges_back_into_conv1d(strategy):
+    from lorakit import merge_qlora
+
+    base = tiny_gpt2()
+    batch = tiny_inputs(base)
+    model = add_lora(quantize_model(copy.deepcopy(base)), "all-linear", r=4, alpha=8)
+    randomize(model)
+    with torch.no_grad():
+        unmerged = model(**batch).logits
+        merged = merge_qlora(model, strategy, original=base if strategy == "original" else None)
+        c_attn = merged.transformer.h[0].attn.c_attn
+        assert type(c_attn) is (Linear4bit if strategy == "requantized" else Conv1D)
+        error = (merged(**batch).logits - unmerged).abs().max()
+    # (a) reproduces the QLoRA model up to rounding; (b) rounds the update to NF4; (c) swaps in the unquantized W0
+    assert error < (1e-4 if strategy == "dequantized" else 0.5)
