@@ -20,6 +20,18 @@ def test_dynamic_map_equals_bitsandbytes(signed):
     assert torch.equal(create_dynamic_map(signed=signed), F.create_dynamic_map(signed=signed))
 
 
+@pytest.mark.parametrize("signed, max_exponent_bits, total_bits",
+                         [(True, 6, 8), (True, 5, 8), (True, 1, 8), (True, 3, 4), (True, 2, 4), (True, 4, 6),
+                          (False, 3, 4)])
+def test_other_dynamic_maps_equal_bitsandbytes(signed, max_exponent_bits, total_bits):
+    """Fewer exponent bits use the all-exponent-bits-zero codes (scale 1.0); fewer total bits pad to 256 zeros."""
+    import bitsandbytes.functional as F
+
+    ours = create_dynamic_map(signed, max_exponent_bits, total_bits)
+    assert ours.shape == (256,) and torch.equal(ours, F.create_dynamic_map(signed, max_exponent_bits, total_bits))
+    assert torch.unique(ours).numel() == 2**total_bits  # the padding repeats the existing 0
+
+
 def bnb_reference_quantize(x, code, blocksize):
     """bitsandbytes' pure-PyTorch ``quantize_blockwise`` kernel (backends/default/ops.py).
 
