@@ -184,6 +184,8 @@ def quantize_model(
 
     ``quant_type`` is a codebook family (``"nf"``, ``"int"``, ``"fp"``) or with its width (``"nf4"``,
     ``"int8"``, ``"nf3"``); ``bits`` sets the width of a bare family (2 to 8; FP only 4; default 4).
+    ``double_quant`` defaults to True here, QLoRA's recipe (``quantize_4bit`` / ``quantize_blockwise``
+    default to False, as bitsandbytes' ``compress_statistics``).
     ``skip`` holds names or glob patterns (QLoRA keeps ``lm_head`` in 16 bits); besides those,
     :func:`kept_in_full_precision` modules (a head tied to the embeddings, T5's ``wo``) are never
     quantized. Returns ``model`` so calls can be chained.
