@@ -93,9 +93,12 @@ class LoRALinear(nn.Module):
         x = self.dropout(x.to(self.lora_A.dtype))
         ax = F.linear(x, self.lora_A)  # x @ A.T: (..., r)
         bax = F.linear(ax, self.lora_B)  # ax @ B.T: (..., d_out)
-        # peft's Linear.forward: add in the promoted dtype (bf16 h + fp32 LoRA term is done in fp32),
-        # then cast the sum once to h's dtype.
-        return (h + bax * self.scaling).to(h.dtype)
+        lora = bax * self.scaling  # (..., d_out), in the adapter's dtype
+        if isinstance(self.base_layer, Linear4bit):
+            # peft's 4-bit layer (tuners/lora/bnb.py, Linear4bit.forward) casts the LoRA term to h's dtype, then adds.
+            return h + lora.to(h.dtype)
+        # peft's Linear.forward adds in the promoted dtype (bf16 h + fp32 term: in fp32), then casts once.
+        return (h + lora).to(h.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """The update ``dW = (alpha / r) * B A``: ``(d_out, r) @ (r, d_in) -> (d_out, d_in)``.

@@ -22,6 +22,7 @@ writes and ``AutoModelForCausalLM.from_pretrained`` reads back without lorakit.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -74,14 +75,15 @@ def merge_qlora(
     for name, layer in layers.items():
         base = layer.base_layer
         w0 = weights[name] if strategy == "original" else base.dequantize()  # (d_out, d_in)
-        w = (w0 + layer.delta_weight()).to(w0.dtype)  # W0 + (alpha / r) B A, rounded once to W0's dtype
-        check_finite_merge(f"merge_qlora: LoRA layer {name!r}", layer, w)
-        if strategy == "requantized":
+        w = w0 + layer.delta_weight()  # W0 + (alpha / r) B A in the promoted dtype, as peft's bnb merge adds them
+        check_finite_merge(f"merge_qlora: LoRA layer {name!r}", layer, w.to(w0.dtype))
+        if strategy == "requantized":  # peft: Params4bit(w_data) quantizes the sum before any rounding to W0's dtype
             packed, state = quantize_blockwise(w, base.quant_type, base.blocksize, base.double_quant, base.bits,
                                                name=f"{name}.weight")
+            state = dataclasses.replace(state, dtype=base.weight_dtype)  # decodes to W0's dtype, as before the merge
             merged_layers[name] = Linear4bit(packed, state, base.bias, base.from_conv1d).to(base.weight_packed.device)
         else:
-            merged_layers[name] = _linear(w, base)
+            merged_layers[name] = _linear(w, base)  # rounded once to W0's dtype
     for name, merged in merged_layers.items():
         set_module(model, name, merged)
 

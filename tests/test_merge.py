@@ -56,29 +56,34 @@ def tiny():
 # ---------------------------------------------------------------- against peft + bitsandbytes
 
 
-def bnb_qlora(base, folder):
+def bnb_qlora(base, folder, dtype=torch.float32):
     """transformers + bitsandbytes NF4 (double quant) + peft LoRA with random A and B, from ``base``."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     base.save_pretrained(folder)
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.uint8)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map={"": "cpu"},
+                                bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": "cpu"},
                                                  quantization_config=config)
     torch.manual_seed(1)
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=ALL_PROJ, init_lora_weights=False))
 
 
-def test_requantized_is_bit_identical_to_peft_merge_into_bitsandbytes_4bit(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_requantized_is_bit_identical_to_peft_merge_into_bitsandbytes_4bit(tmp_path, dtype):
+    """In bfloat16 both keep fp32 adapters (peft's autocast_adapter_dtype) and quantize the fp32 sum W0 + dW."""
     pytest.importorskip("bitsandbytes")
     # Rows a whole number of blocks long, as in SmolLM2 (576, 1536): for rows shorter than a block,
     # bitsandbytes 0.50.2's native CPU dequantize (AVX-512 machines) reads the wrong block's absmax
     # (see blocks_follow_rows in test_quantization.py), and peft's merge dequantizes through it.
+    from transformers import AutoModelForCausalLM
+
     tiny = tiny_llama(hidden_size=64, intermediate_size=128)
-    theirs = bnb_qlora(tiny, tmp_path)  # its LoRA weights are overwritten with ours below
+    theirs = bnb_qlora(tiny, tmp_path, dtype)  # its LoRA weights are overwritten with ours below
     keep_bnb_reference_path(theirs)  # AVX512-BF16 CPUs: no bfloat16 repacking at the first no-grad forward
-    ours = qlora(tiny)
+    # The same bf16 model for us: from_pretrained keeps the rotary inv_freq in fp32, where .to(dtype) would cast it.
+    ours = qlora(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype) if dtype != torch.float32 else tiny)
     peft_layers = dict(theirs.base_model.model.named_modules())
     with torch.no_grad():
         for name, layer in lora_layers(ours).items():
