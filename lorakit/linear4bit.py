@@ -153,6 +153,16 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def embedding_module(model: nn.Module, which: str) -> nn.Module | None:
+    """A transformers model's ``get_input_embeddings()`` / ``get_output_embeddings()`` (``which``:
+    ``"input"`` or ``"output"``), or None for a model without one (or a plain ``nn.Module``)."""
+    getter = getattr(model, f"get_{which}_embeddings", None)
+    try:
+        return getter() if callable(getter) else None
+    except (NotImplementedError, AttributeError):  # transformers' default when a model has none
+        return None
+
+
 def kept_in_full_precision(model: nn.Module) -> set[str]:
     """Names of the modules ``quantize_model`` never quantizes, whatever ``skip`` says.
 
@@ -162,15 +172,15 @@ def kept_in_full_precision(model: nn.Module) -> set[str]:
     the modules the model class asks to keep in float32 (T5's ``wo``).
     """
     kept = set()
-    get_input, get_output = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
-    embedding = get_input() if callable(get_input) else None
-    head = get_output() if callable(get_output) else None
+    embedding, head = embedding_module(model, "input"), embedding_module(model, "output")
     embedding_weight = getattr(embedding, "weight", None)
     keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     for name, module in model.named_modules():
         weight = module._parameters.get("weight")
         tied = module is not embedding and embedding_weight is not None and weight is embedding_weight
-        if name and (tied or module is head or _skipped(name, keep_fp32)):
+        # transformers' should_convert_module: a pattern names a module, a module above it, or a name suffix
+        in_fp32 = any(name == k or name.startswith(k + ".") or name.endswith("." + k) for k in keep_fp32)
+        if name and (tied or module is head or in_fp32):
             kept.add(name)
     return kept
 

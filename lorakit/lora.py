@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.linear4bit import Linear4bit, set_module
+from lorakit.linear4bit import Linear4bit, embedding_module, set_module
 
 # The seven projections of a Llama-style block (SmolLM2, Llama, Mistral, Qwen): attention, then MLP.
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -301,8 +301,7 @@ def all_linear_names(model: nn.Module) -> list[str]:
     The head is the module ``model.get_output_embeddings()`` returns, whatever its name (``lm_head``,
     Whisper's ``proj_out``); a model without that method keeps every Linear.
     """
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
+    head = embedding_module(model, "output")
     names = [n for n, m in model.named_modules() if n and isinstance(m, LORA_BASE_TYPES) and m is not head]
     if not names:
         raise ValueError(
