@@ -13,6 +13,7 @@ the CPU, so every comparison is bit for bit.
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -114,7 +115,11 @@ def test_adapters_load_both_ways_with_peft(family, tmp_path):
     ours = add_lora(copy.deepcopy(base), "all-linear", r=4, alpha=8)
     randomize(ours)
     save_adapter(ours, tmp_path / "ours")
-    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] == (family == "gpt2")  # GPT-2's Conv1D stores W0 as (d_in, d_out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # peft warns when fan_in_fan_out is wrong for the layer
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
     with torch.no_grad():
         expected = ours(**batch).logits
         assert torch.equal(loaded(**batch).logits, expected)
