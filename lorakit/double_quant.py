@@ -64,9 +64,10 @@ def quantize_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[
     and reads the code there. The grid step, 3e-5, is coarser than the gaps of the dynamic type near
     zero, so a value can get a code that is not the nearest one; to be byte-identical we do the same.
     A block whose absmax is 0 gets code 0 everywhere (the kernel's special case).
-    A subnormal absmax (below 1.2e-38) has a reciprocal beyond float32's range, ``inf``: every
-    nonzero value then scales to +-inf and is clamped to +-1, as in the kernel; a zero stays 0
-    (``0 * inf`` would be NaN, and so would the zero padding of the last block).
+    An absmax below 1 / 3.4e38 = 2.9e-39 (subnormal) has a reciprocal beyond float32's range,
+    ``inf``: every nonzero value then scales to +-inf and is clamped to +-1, which gives the kernel's
+    codes bit for bit (tests/test_quantization.py); a zero stays 0 (``0 * inf`` would be NaN, and so
+    would the zero padding of the last block).
     """
     n = x.numel()
     n_blocks = -(n // -blocksize)
