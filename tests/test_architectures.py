@@ -6,8 +6,8 @@ Each family is a tiny random model built from a config (tests/tiny_models.py, no
 - T5, whose ``T5DenseActDense.forward`` reads ``self.wo.weight.dtype`` on whatever sits at ``wo``;
 - Whisper, whose output head ``proj_out`` is tied to the decoder embeddings and is not called ``lm_head``.
 LoRA is compared with peft (outputs, gradients, merged weights, adapters both ways), quantization with
-transformers' bitsandbytes path (which layers, and their codes). Everything here is deterministic on
-the CPU, so every comparison is bit for bit.
+transformers' bitsandbytes path (which layers, and their codes). Both are deterministic on
+the CPU, so every comparison with them is bit for bit (the other checks are properties, with bounds).
 """
 
 from __future__ import annotations
