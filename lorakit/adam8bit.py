@@ -5,12 +5,17 @@ recipes: ``m`` and ``v`` are kept as one byte per element plus one fp32 ``absmax
 256 elements, so the state costs about 2 bytes per parameter instead of 8. Each step
 dequantizes the block, does the ordinary fp32 AdamW update, and quantizes again.
 
-The code book is the *dynamic* data type (Dettmers 2016, "8-Bit Approximations for Parallelism"):
+The code book is the *dynamic* data type (Dettmers, "8-Bit Approximations for Parallelism in Deep
+Learning", ICLR 2016, arXiv:1511.04561):
 a sign bit, a run of zero bits whose length is the decimal exponent, an indicator bit, and the
 remaining bits as a linear fraction. Values near zero get many codes, large ones few, which
 suits moments spanning several orders of magnitude. ``create_dynamic_map`` (in codebooks.py) mirrors
 ``bitsandbytes.functional.create_dynamic_map`` (checked equal in ``tests/test_adam8bit.py``) and
-the update mirrors bitsandbytes' CPU ``optimizer_update_8bit_blockwise`` (``backends/cpu/ops.py``).
+the update mirrors bitsandbytes' CPU ``optimizer_update_8bit_blockwise`` (``backends/cpu/ops.py``),
+which writes the update in ``torch.optim.AdamW``'s form (``_single_tensor_adam``: decoupled decay
+``p *= 1 - lr * wd``, then ``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``). One
+difference from torch: the first moment is ``b1 m + (1 - b1) g`` where torch writes
+``m.lerp_(g, 1 - b1)``, the same value up to one float32 rounding (tests/test_adam8bit.py).
 """
 
 from __future__ import annotations
@@ -19,47 +24,41 @@ import math
 
 import torch
 
+from lorakit.blockwise import absmax_scale, nearest_code
 from lorakit.codebooks import create_dynamic_map
 
 BLOCKSIZE = 256  # bitsandbytes' blockwise optimizers: one absmax per 256 elements
 MIN_8BIT_SIZE = 4096  # smaller tensors keep fp32 state (bitsandbytes' ``min_8bit_size``)
 
-def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = BLOCKSIZE):
-    """``x`` -> (uint8 codes shaped like ``x``, fp32 absmax per block of ``blocksize`` elements).
 
-    Each block is scaled into [-1, 1] by its absolute maximum, and each value takes the index
-    of the nearest code (``bucketize`` against the midpoints between neighbouring codes).
+def _quantize_state(
+    x: torch.Tensor, code: torch.Tensor, blocksize: int = BLOCKSIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A moment tensor -> (uint8 codes shaped like ``x``, float32 absmax per block of ``blocksize``).
+
+    The same two steps as the 4-bit weights (blockwise.py): scale each block into [-1, 1] by its
+    absmax, then take the index of the nearest code (``bucketize`` against the code midpoints), as
+    bitsandbytes' pure-PyTorch ``quantize_blockwise`` kernel does; only the code book differs (the
+    256-value dynamic type). double_quant.py holds the other 8-bit quantizer, a copy of the C
+    kernel's lookup table, needed there only for byte identity with bitsandbytes' double quantization.
     """
-    flat = x.reshape(-1).float()  # (n,)
-    n = flat.numel()
-    full = n - n % blocksize
-    blocks = flat[:full].view(-1, blocksize)  # (n // bs, bs)
-    absmax = blocks.abs().amax(dim=1)  # (n // bs,)
-    # Scale as bitsandbytes' pure-PyTorch kernel does (backends/default/ops.py), so codes match
-    # bit for bit: full blocks times the reciprocal of absmax, the last partial block divided.
-    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1).reshape(-1)  # (full,)
-    if full < n:
-        tail_max = flat[full:].abs().amax().clamp(min=1e-38)
-        absmax = torch.cat([absmax, tail_max[None]])
-        scaled = torch.cat([scaled, (flat[full:] / tail_max).clamp(-1, 1)])  # (n,)
-    midpoints = (code[:-1] + code[1:]) / 2  # (255,)
-    q = torch.bucketize(scaled, midpoints).to(torch.uint8)
-    return q.view_as(x), absmax
+    scaled, absmax = absmax_scale(x.reshape(-1).float(), blocksize)  # (n,), (n_blocks,)
+    return nearest_code(scaled, code).view_as(x), absmax
 
 
-def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                         blocksize: int = BLOCKSIZE) -> torch.Tensor:
-    """Codes back to fp32: ``code[q] * absmax`` of each element's block."""
-    flat = code[q.reshape(-1).long()]  # (n,)
-    n = flat.numel()
-    scale = absmax.repeat_interleave(blocksize)[:n]  # (n,)
-    return (flat * scale).view(q.shape)
+def _dequantize_state(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                      blocksize: int = BLOCKSIZE) -> torch.Tensor:
+    """Codes back to float32: ``code[q] * absmax`` of each element's block (shaped like ``q``)."""
+    values = code[q.reshape(-1).long()]  # (n,)
+    scale = absmax.repeat_interleave(blocksize)[: values.numel()]  # (n,)
+    return (values * scale).view(q.shape)
 
 
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW whose moments live as 8-bit blockwise-quantized codes (the ``state1``/``state2`` of
     bitsandbytes' ``AdamW8bit``): m with the signed dynamic map, v (never negative) with the
-    unsigned one. Tensors with fewer than ``min_8bit_size`` elements keep fp32 moments.
+    unsigned one. Tensors with fewer than ``min_8bit_size`` elements keep fp32 moments
+    (``min_8bit_size=math.inf``: every moment in fp32, plain AdamW).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -100,8 +99,8 @@ class AdamW8bit(torch.optim.Optimizer):
                 quantized = state["m"].dtype == torch.uint8
                 if quantized:
                     code_m, code_v = self.code_m.to(p.device), self.code_v.to(p.device)
-                    m = dequantize_blockwise(state["m"], state["absmax_m"], code_m, self.blocksize)
-                    v = dequantize_blockwise(state["v"], state["absmax_v"], code_v, self.blocksize)
+                    m = _dequantize_state(state["m"], state["absmax_m"], code_m, self.blocksize)
+                    v = _dequantize_state(state["v"], state["absmax_v"], code_v, self.blocksize)
                 else:
                     m, v = state["m"], state["v"]
                 grad = p.grad.float()
@@ -116,8 +115,8 @@ class AdamW8bit(torch.optim.Optimizer):
                 p32.addcdiv_(m, denom, value=-lr / correction1)
                 p.copy_(p32)
                 if quantized:
-                    state["m"], state["absmax_m"] = quantize_blockwise(m, code_m, self.blocksize)
-                    state["v"], state["absmax_v"] = quantize_blockwise(v, code_v, self.blocksize)
+                    state["m"], state["absmax_m"] = _quantize_state(m, code_m, self.blocksize)
+                    state["v"], state["absmax_v"] = _quantize_state(v, code_v, self.blocksize)
         return loss
 
 

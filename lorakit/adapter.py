@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lorakit.lora import add_lora, lora_layers
+from lorakit._io import atomic_write, atomic_write_text
+from lorakit.lora import ALL_LINEAR, add_lora, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -26,7 +26,6 @@ PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (the wra
 UNSUPPORTED = {
     "use_dora": False,
     "bias": "none",
-    "fan_in_fan_out": False,
     "lora_bias": False,
     "rank_pattern": {},
     "alpha_pattern": {},
@@ -38,23 +37,6 @@ UNSUPPORTED = {
     "trainable_token_indices": None,
     "use_qalora": False,
 }
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file in ``path``'s folder, then rename it over ``path``.
-
-    ``os.replace`` is atomic on one file system, so a reader sees the old file or the new one,
-    never half of one; on any error the temporary file is removed.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def adapter_config(model: nn.Module) -> dict:
@@ -72,6 +54,9 @@ def adapter_config(model: nn.Module) -> dict:
     picked = {n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in short and not n.endswith("base_layer")}
     targets = short if picked == set(layers) else sorted(layers)
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
+    # peft's fan_in_fan_out: the base weights are stored (d_in, d_out), as GPT-2's Conv1D stores them.
+    # peft reads it per layer anyway (it corrects a wrong value with a warning), so one True suffices.
+    fan_in_fan_out = any(layer.fan_in_fan_out for layer in layers.values())
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -83,6 +68,7 @@ def adapter_config(model: nn.Module) -> dict:
         "use_rslora": first.rslora,
         "target_modules": targets,
         "init_lora_weights": True,
+        "fan_in_fan_out": fan_in_fan_out,
         **UNSUPPORTED,
     }
 
@@ -91,20 +77,23 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the model's LoRA weights in peft's format to the folder ``path``; returns the folder.
 
     ``peft.PeftModel.from_pretrained(base_model, path)`` loads the result. Each file is written
-    atomically (temporary file, then rename), and both temporary files are complete before
-    either is renamed.
+    atomically with ``lorakit._io.atomic_write`` (temporary file, then rename; the umask's mode).
     """
     from safetensors.torch import save_file
 
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(
+            f"save_adapter: {str(folder)!r} is an existing file, not a folder; an adapter is a folder holding "
+            f"{CONFIG_NAME} and {WEIGHTS_NAME}. Pass a folder path (new or existing)"
+        )
     config = adapter_config(model)
     tensors = {}
     for name, layer in lora_layers(model).items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()  # (r, d_in)
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()  # (d_out, r)
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
 
 
@@ -142,7 +131,7 @@ def _check_config(config: dict, folder: str) -> None:
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in config:
             raise ValueError(f"{CONFIG_NAME} in {folder!r} lacks {key!r}; it is not a LoRA adapter config")
-    if isinstance(config["target_modules"], str):
+    if isinstance(config["target_modules"], str) and config["target_modules"].lower() != ALL_LINEAR:
         raise ValueError(f"adapter {folder!r} gives target_modules as the regex {config['target_modules']!r}; "
                          "lorakit reads a list of module name suffixes only")
 
@@ -160,7 +149,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     A model without LoRA layers first gets them from the adapter's config (``add_lora`` with its
     ``target_modules``, ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``). Every tensor
-    must fit: same modules, same shapes, same rank.
+    must fit: same modules, same shapes, same rank. ``fan_in_fan_out`` needs no reading: each LoRA
+    layer knows from its base layer (GPT-2's ``Conv1D``) whether its weight is stored transposed.
     """
     folder = str(path)
     config, tensors = read_adapter(path)

@@ -211,6 +211,23 @@ def quantize_blockwise(
     return packed, state
 
 
+# book: dequantize, the reference (book/source/blockwise.md shows the lines down to its end marker)
+def dequantize_blockwise_reference(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """``code[q] * absmax`` of each value's block, in float32, rounded once to ``state.dtype``.
+
+    The definition of dequantization in one pass over the whole tensor (so with a float32 copy of
+    it). :func:`dequantize_blockwise` computes the same bits in small steps (tests/test_quantization.py).
+    """
+    check_state(packed, state)
+    absmax = state.absmax  # (n_blocks,)
+    if state.nested:
+        absmax = dequantize_absmax(state.absmax, state.offset, state.state2)
+    codes = unpack_codes(packed, state.bits, state.numel).long()  # (n,)
+    scale = absmax.repeat_interleave(state.blocksize)[: state.numel]  # (n,) each value's block absmax
+    return (state.code[codes] * scale).to(state.dtype).view(state.shape)
+# book: end of dequantize, the reference
+
+
 # Values decoded per step of dequantize_blockwise: 2**18 float32 = 1 MiB of scratch, which stays in
 # the CPU cache. A power of two (at least 2), so each step holds whole blocks and an even count.
 DEQUANT_STEP = 1 << 18
@@ -227,7 +244,8 @@ def byte_pairs(code: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_blockwise(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
-    """``code[q] * absmax`` per block in float32, cast to ``state.dtype``, in ``state.shape``.
+    """``code[q] * absmax`` per block in float32, cast to ``state.dtype``, in ``state.shape``: the
+    numbers of :func:`dequantize_blockwise_reference`, bit for bit, without its float32 copy.
 
     The work goes in steps of :data:`DEQUANT_STEP` values (whole blocks): decode the codes into a
     small float32 scratch that stays in the cache, multiply each block by its absmax there, and write
@@ -250,7 +268,7 @@ def dequantize_blockwise(packed: torch.Tensor, state: QuantState) -> torch.Tenso
     scratch = None if direct else torch.empty(min(step, n + n % 2), device=packed.device)  # (step,) float32
     for start in range(0, n, step):
         stop = min(start + step, n)
-        size = stop - start + (stop - start) % 2 if state.bits == 4 else stop - start
+        size = (stop - start + (stop - start) % 2) if state.bits == 4 else stop - start  # 4 bits: whole bytes
         buffer = out[start : start + size] if direct else scratch[:size]  # (size,) float32
         if state.bits == 4:  # start is even: byte start // 2 holds codes start and start + 1
             byte = flat[start // 2 : (stop + 1) // 2].int()  # (size / 2,)

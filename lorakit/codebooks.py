@@ -9,7 +9,8 @@ entry. This module derives the tables used in QLoRA (Dettmers et al., 2023):
 - ``int``: symmetric integers ``-M..M`` over ``M = 2**(k-1) - 1`` (absmax "round to nearest").
 - ``fp``: 4-bit float E2M1 in bitsandbytes' bit layout (only k = 4).
 - ``dynamic_map()``: the 8-bit dynamic tree type that bitsandbytes uses for the second
-  quantization in double quantization (Dettmers 2015, "8-Bit Approximations").
+  quantization in double quantization (Dettmers, "8-Bit Approximations for Parallelism in Deep
+  Learning", ICLR 2016, arXiv:1511.04561).
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ def nf_offset(bits: int) -> float:
     """The outermost probability level of NF-k, ``0.9677083`` for k = 4.
 
     The quantile function is infinite at probability 1, so the outermost level must stop short
-    of it. NF-k uses the average of the centres of the last slice when [0, 1] is cut into
-    ``2**k - 1`` or ``2**k`` equal slices: ``((1 - 1/(2(2^k - 1))) + (1 - 1/(2 * 2^k))) / 2``.
-    For k = 4 that is ``(0.966667 + 0.96875) / 2 = 0.96770833...``; bitsandbytes'
-    ``create_normal_map`` uses the value rounded to 7 decimals, and so do we: the unrounded value
-    is one float32 step larger and would move some table entries by up to 3e-7.
+    of it. For k = 4 QLoRA and bitsandbytes' ``create_normal_map`` use ``0.9677083``: the average
+    of the centres of the last slice when [0, 1] is cut into 15 or 16 equal slices,
+    ``(0.966667 + 0.96875) / 2 = 0.96770833...``, rounded to 7 decimals (the unrounded value is one
+    float32 step larger and would move some table entries by up to 3e-7). The paper defines NF4
+    only; the k-bit rule ``((1 - 1/(2(2^k - 1))) + (1 - 1/(2 * 2^k))) / 2`` is lorakit's
+    generalisation of that recipe, and gives back exactly ``0.9677083`` at k = 4.
     """
     levels = 2**bits
     exact = ((1 - 1 / (2 * (levels - 1))) + (1 - 1 / (2 * levels))) / 2
@@ -154,13 +156,15 @@ def parse_kind(kind: str, bits: int | None = None) -> tuple[str, int]:
 
 
 def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
-    """The 2**total_bits values of the dynamic data type, sorted, in [-1, 1] (signed) or [0, 1].
+    """The dynamic data type, sorted, in [-1, 1] (signed) or [0, 1]: always ``(256,)`` float32.
 
     For exponent ``e = 0 .. max_exponent_bits-1`` the code book holds a linear grid of fractions
     scaled by ``10 ** (e - (max_exponent_bits - 1))``: the smaller the exponent, the fewer
     fraction bits are left (``2**e`` grid points signed, ``2**(e+1)`` unsigned, for 8 bits and
     7 exponent bits). Each grid point is the midpoint of ``linspace(0.1, 1, n + 1)``. Then 0 and 1
-    are added, and unused slots are padded with 0.
+    are added: ``2**total_bits`` values, and for ``total_bits < 8`` the rest of the 256 slots are
+    padded with 0, as bitsandbytes' ``create_dynamic_map`` pads them (its kernels index a
+    256-entry table whatever the width).
     """
     values: list[float] = []
     non_sign_bits = total_bits - 1
@@ -176,7 +180,9 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     if extra > 0:
         edges = torch.linspace(0.1, 1, extra + 1, dtype=torch.float32)
         fractions = (edges[:-1] + edges[1:]) / 2.0
-        scale = 10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)
+        # bitsandbytes writes 10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1), which is 10 ** 0:
+        # the codes with every exponent bit zero are a linear grid on [0.1, 1] itself.
+        scale = 1.0
         values += (scale * fractions).tolist()
         if signed:
             values += (-scale * fractions).tolist()

@@ -9,6 +9,11 @@ dynamic type in blocks of 256, keeping one float32 "second-level" absmax per 256
 Mirrors ``bitsandbytes.functional.quantize_4bit(compress_statistics=True)`` on the CPU
 (bitsandbytes 0.50.2): ``offset = absmax.mean()``, then ``quantize_blockwise(absmax - offset,
 blocksize=256)``, which runs the C kernel ``quantize_cpu_impl`` (csrc/cpu_ops.cpp).
+
+Why a second 8-bit quantizer: lorakit's other 8-bit path (adam8bit.py's moments) takes the nearest
+code with ``bucketize``, as bitsandbytes' pure-PyTorch kernel does. The CPU C kernel instead reads
+a 65,536-entry lookup table, which picks a neighbouring code for a few values in a thousand; to
+store the same bytes as ``quantize_4bit(compress_statistics=True)`` we copy that table here.
 """
 
 from __future__ import annotations
@@ -59,13 +64,17 @@ def quantize_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[
     and reads the code there. The grid step, 3e-5, is coarser than the gaps of the dynamic type near
     zero, so a value can get a code that is not the nearest one; to be byte-identical we do the same.
     A block whose absmax is 0 gets code 0 everywhere (the kernel's special case).
+    An absmax below 1 / 3.4e38 = 2.9e-39 (subnormal) has a reciprocal beyond float32's range,
+    ``inf``: every nonzero value then scales to +-inf and is clamped to +-1, which gives the kernel's
+    codes bit for bit (tests/test_quantization.py); a zero stays 0 (``0 * inf`` would be NaN, and so
+    would the zero padding of the last block).
     """
     n = x.numel()
     n_blocks = -(n // -blocksize)
     blocks = torch.nn.functional.pad(x, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
     absmax = blocks.abs().amax(dim=1)  # (n_blocks,), the zero padding never raises it
-    inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))  # no 0 * inf = NaN
-    scaled = (blocks * inverse.view(-1, 1)).clamp(-1.0, 1.0)  # (n_blocks, blocksize)
+    inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))  # inf for a subnormal absmax
+    scaled = torch.where(blocks == 0, 0.0, blocks * inverse.view(-1, 1)).clamp(-1.0, 1.0)  # (n_blocks, blocksize)
     grid_index = (((scaled + 1.0) * 0.5) * (LUT_SIZE - 1) + 0.5).long()  # truncation, as the C cast
     codes = lookup_table(code)[grid_index]  # (n_blocks, blocksize)
     codes[absmax == 0] = 0
@@ -76,8 +85,13 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, S
     """Double-quantize the per-block constants: (n_blocks,) float32 -> (codes uint8, offset, state2).
 
     ``offset`` is the 0-dim float32 mean that was subtracted (bitsandbytes: ``_absmax.mean()``).
+    Constants near float32's maximum (3.4e38) make that float32 mean overflow to ``inf``;
+    bitsandbytes 0.50.2 then stores ``inf`` and decodes NaN weights. We take the mean in float64
+    there instead (a mean of finite float32 values always fits in float32).
     """
     offset = absmax.mean()  # 0-dim; same reduction as bitsandbytes, so the same float32 result
+    if not torch.isfinite(offset):  # the float32 sum overflowed
+        offset = absmax.double().mean().float()
     code = dynamic_map().to(absmax.device)  # (256,)
     qabsmax, absmax2 = quantize_8bit(absmax - offset, code, ABSMAX_BLOCKSIZE)
     return qabsmax, offset, SecondLevelState(absmax=absmax2, code=code)

@@ -8,8 +8,10 @@ For a frozen linear layer ``h = W0 x`` with ``W0: (d_out, d_in)``, LoRA learns
 ``merge_lora`` folds ``(alpha / r) * B A`` into ``W0`` ("no additional inference latency", §4.1).
 
 The layer follows peft's ``tuners/lora/layer.py`` (``Linear.forward``, ``get_delta_weight``,
-``reset_lora_parameters``) so that the same weights give the same numbers, and adapters are saved in
-peft's on-disk format (``adapter_config.json`` + ``adapter_model.safetensors``).
+``reset_lora_parameters``, ``merge(safe_merge=True)``) so that the same weights give the same numbers,
+and adapters are saved in peft's on-disk format (``adapter_config.json`` + ``adapter_model.safetensors``).
+Besides ``nn.Linear`` it wraps GPT-2's ``Conv1D`` (a Linear whose weight is stored transposed,
+``(d_in, d_out)``: peft's ``fan_in_fan_out``) and lorakit's ``Linear4bit`` (QLoRA).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from lorakit.linear4bit import Linear4bit
+from lorakit.linear4bit import Linear4bit, embedding_module, set_module
 
 # The seven projections of a Llama-style block (SmolLM2, Llama, Mistral, Qwen): attention, then MLP.
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -44,22 +47,20 @@ class LoRALinear(nn.Module):
         dropout: float = 0.0,
         rslora: bool = False,
         name: str = "",
+        autocast_adapter_dtype: bool = True,
     ):
         super().__init__()
-        d_in, d_out = base_layer.in_features, base_layer.out_features
+        d_in, d_out = linear_features(base_layer)
         where = f"LoRA on {name!r}" if name else f"LoRA on a {type(base_layer).__name__}({d_in} -> {d_out})"
         _check_hyperparameters(where, r, alpha, dropout, d_in, d_out)
         self.base_layer = base_layer
         self.r, self.alpha, self.rslora = r, alpha, rslora
+        # GPT-2's Conv1D stores W0 as (d_in, d_out) (peft's fan_in_fan_out): merging adds dW transposed.
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         # rsLoRA (Kalajdzievski 2023) scales by alpha / sqrt(r) so larger ranks keep learning.
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if isinstance(base_layer, Linear4bit):  # QLoRA: LoRA trains in the dtype W0 had before quantization
-            dtype, device = base_layer.weight_dtype, base_layer.weight_packed.device
-        else:  # nn.Linear, or another Linear-like layer (a float weight, or a compute_dtype)
-            weight = base_layer.weight
-            dtype = weight.dtype if weight.is_floating_point() else getattr(base_layer, "compute_dtype", torch.float32)
-            device = weight.device
+        dtype, device = _adapter_dtype_and_device(base_layer, autocast_adapter_dtype)
         self.lora_A = nn.Parameter(torch.empty(r, d_in, dtype=dtype, device=device))  # (r, d_in)
         self.lora_B = nn.Parameter(torch.zeros(d_out, r, dtype=dtype, device=device))  # (d_out, r)
         # peft's reset_lora_parameters(init_lora_weights=True), after loralib: A as nn.Linear's
@@ -69,11 +70,21 @@ class LoRALinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return linear_features(self.base_layer)[0]
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return linear_features(self.base_layer)[1]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, as peft's LoRA layers expose it: model code such as T5's
+        ``T5DenseActDense`` reads ``self.wo.weight.dtype`` on whatever sits at ``wo``."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., d_in)
         h = self.base_layer(x)  # W0 x: (..., d_out)
@@ -82,19 +93,48 @@ class LoRALinear(nn.Module):
         x = self.dropout(x.to(self.lora_A.dtype))
         ax = F.linear(x, self.lora_A)  # x @ A.T: (..., r)
         bax = F.linear(ax, self.lora_B)  # ax @ B.T: (..., d_out)
-        return h + (bax * self.scaling).to(h.dtype)  # same order of operations as peft's Linear.forward
+        lora = bax * self.scaling  # (..., d_out), in the adapter's dtype
+        if isinstance(self.base_layer, Linear4bit):
+            # peft's 4-bit layer (tuners/lora/bnb.py, Linear4bit.forward) casts the LoRA term to h's dtype, then adds.
+            return h + lora.to(h.dtype)
+        # peft's Linear.forward adds in the promoted dtype (bf16 h + fp32 term: in fp32), then casts once.
+        return (h + lora).to(h.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """The update ``dW = (alpha / r) * B A``: ``(d_out, r) @ (r, d_in) -> (d_out, d_in)``."""
-        return (self.lora_B @ self.lora_A) * self.scaling
+        """The update ``dW = (alpha / r) * B A``: ``(d_out, r) @ (r, d_in) -> (d_out, d_in)``.
+
+        As peft's ``get_delta_weight``: half-precision factors on the CPU are multiplied in float32
+        and the product is cast back to their dtype.
+        """
+        A, B = self.lora_A, self.lora_B
+        if A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16):
+            return ((B.float() @ A.float()) * self.scaling).to(A.dtype)
+        return (B @ A) * self.scaling
+
+    def merged_weight(self, sign: int = 1) -> torch.Tensor:
+        """``W0 + sign * dW`` in the base weight's layout and dtype, computed without touching ``W0``.
+
+        The sum is taken in the promoted dtype and rounded once, as peft's ``weight.data += delta``.
+        """
+        delta = self.delta_weight()
+        if self.fan_in_fan_out:  # Conv1D: W0 is (d_in, d_out)
+            delta = delta.T
+        weight = self.base_layer.weight
+        return (weight + sign * delta).to(weight.dtype)
 
     def merge(self) -> None:
-        """``W0 <- W0 + dW`` (peft's ``Linear.merge``); forward then skips the LoRA path."""
+        """``W0 <- W0 + dW`` (peft's ``Linear.merge``); forward then skips the LoRA path.
+
+        The sum is rounded once, as peft's default merge; a NaN or Inf in it is refused before
+        ``W0`` is written (``ValueError``), as peft's ``merge(safe_merge=True)`` refuses it.
+        """
         self._check_mergeable("merge")
         if self.merged:
             raise RuntimeError(f"{self._where()} is already merged; call unmerge_lora(model) before merging again")
         with torch.no_grad():
-            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+            merged = self.merged_weight(+1)
+            check_finite_merge(self._where(), self, merged, "merge")
+            self.base_layer.weight.copy_(merged)
         self.merged = True
 
     def unmerge(self) -> None:
@@ -103,7 +143,9 @@ class LoRALinear(nn.Module):
         if not self.merged:
             raise RuntimeError(f"{self._where()} is not merged; there is nothing to unmerge")
         with torch.no_grad():
-            self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+            unmerged = self.merged_weight(-1)
+            check_finite_merge(self._where(), self, unmerged, "unmerge")
+            self.base_layer.weight.copy_(unmerged)
         self.merged = False
 
     def _check_mergeable(self, what: str) -> None:
@@ -114,10 +156,10 @@ class LoRALinear(nn.Module):
                 "weight. Use lorakit.merge_qlora(model, strategy) with strategy 'dequantized' (16-bit), "
                 "'requantized' (4-bit again) or 'original' (the unquantized W0); notebook 07 compares them"
             )
-        if not isinstance(base, nn.Linear) or not base.weight.is_floating_point():  # e.g. a packed 4-bit weight
+        if not isinstance(base, (nn.Linear, Conv1D)) or not base.weight.is_floating_point():  # e.g. packed codes
             raise NotImplementedError(
                 f"cannot {what} LoRA into a {type(self.base_layer).__name__} base layer; only an nn.Linear "
-                "with a floating-point weight can be merged (dequantize the base layer first)"
+                "(or GPT-2's Conv1D) with a floating-point weight can be merged (dequantize the base layer first)"
             )
 
     def _where(self) -> str:
@@ -127,8 +169,52 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, rslora={self.rslora}, merged={self.merged}"
 
 
-# Base layer types add_lora can wrap: plain Linears (LoRA) and lorakit's 4-bit Linears (QLoRA).
-LORA_BASE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Linear4bit)
+# Base layer types add_lora can wrap: plain Linears and GPT-2's Conv1D (LoRA), lorakit's 4-bit Linears (QLoRA).
+LORA_BASE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D, Linear4bit)
+
+# peft's shorthand for "every linear layer except the output head" (peft.utils.constants).
+ALL_LINEAR = "all-linear"
+
+
+def linear_features(layer: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of a Linear-like layer; GPT-2's ``Conv1D(nf, nx)`` has ``d_in = nx``, ``d_out = nf``."""
+    if isinstance(layer, Conv1D):
+        return layer.nx, layer.nf
+    return layer.in_features, layer.out_features
+
+
+def _adapter_dtype_and_device(base_layer: nn.Module, autocast_adapter_dtype: bool) -> tuple[torch.dtype, torch.device]:
+    """The dtype LoRA trains in: the base weight's (before quantization), or its compute dtype for a
+    layer holding packed codes; with ``autocast_adapter_dtype`` (peft's default) float16 and bfloat16
+    become float32, so the small adapter trains in full precision beside a half-precision base
+    (peft's ``cast_adapter_dtype``)."""
+    if isinstance(base_layer, Linear4bit):  # QLoRA: the dtype W0 had before quantization
+        dtype, device = base_layer.weight_dtype, base_layer.weight_packed.device
+    else:  # nn.Linear, Conv1D, or another Linear-like layer (a float weight, or a compute_dtype)
+        weight = base_layer.weight
+        dtype = weight.dtype if weight.is_floating_point() else getattr(base_layer, "compute_dtype", torch.float32)
+        device = weight.device
+    if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    return dtype, device
+
+
+def check_finite_merge(where: str, layer: LoRALinear, result: torch.Tensor, what: str = "merge") -> None:
+    """Refuse to write a weight with NaN or Inf into a base layer (peft's ``safe_merge`` check), naming the cause."""
+    if torch.isfinite(result).all():
+        return
+    bad = int((~torch.isfinite(result)).sum())
+    causes = [
+        f"{part} has {int(torch.isnan(t).sum())} NaN and {int(torch.isinf(t).sum())} Inf values"
+        for part, t in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B))
+        if not torch.isfinite(t).all()
+    ]
+    cause = "; ".join(causes) if causes else f"W0 + dW overflows {result.dtype} (or W0 itself holds NaN/Inf)"
+    raise ValueError(
+        f"{where}: refusing to {what}: the result would have {bad} NaN/Inf values ({cause}). "
+        "No base weight was changed. A NaN adapter usually comes from a diverged run: lower the learning "
+        "rate, check the loss curve, or load an earlier checkpoint"
+    )
 
 
 def _check_hyperparameters(where: str, r, alpha, dropout, d_in: int, d_out: int) -> None:
@@ -172,13 +258,19 @@ def add_lora(
     alpha: float = 16,
     dropout: float = 0.0,
     rslora: bool = False,
+    autocast_adapter_dtype: bool = True,
 ) -> nn.Module:
     """Wrap every Linear whose dotted name ends with a target in a ``LoRALinear``; freeze the rest.
 
     ``targets`` follows peft's ``target_modules`` list rule (``"q_proj"`` matches
-    ``model.layers.0.self_attn.q_proj``). The model is changed in place and returned; only the
-    ``lora_A``/``lora_B`` parameters are left trainable (peft's ``bias="none"``).
+    ``model.layers.0.self_attn.q_proj``); ``"all-linear"`` picks every Linear (and Conv1D) except
+    the output head, as peft's ``all-linear`` does. The model is changed in place and returned;
+    only the ``lora_A``/``lora_B`` parameters are left trainable (peft's ``bias="none"``).
+    ``autocast_adapter_dtype`` (peft's default, True) keeps the adapter in float32 on a float16 or
+    bfloat16 base; False keeps it in the base weight's dtype.
     """
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        targets = all_linear_names(model)
     targets = [targets] if isinstance(targets, str) else list(targets)
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"targets={targets!r} is invalid; give module name suffixes such as ['q_proj', 'v_proj']")
@@ -197,22 +289,45 @@ def add_lora(
     for p in model.parameters():
         p.requires_grad_(False)
     for name, base in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(base, r=r, alpha=alpha, dropout=dropout, rslora=rslora, name=name))
+        layer = LoRALinear(base, r=r, alpha=alpha, dropout=dropout, rslora=rslora, name=name,
+                           autocast_adapter_dtype=autocast_adapter_dtype)
+        set_module(model, name, layer)
     return model
 
 
+def all_linear_names(model: nn.Module) -> list[str]:
+    """Full names of every Linear-like module except the output head (peft's ``_maybe_include_all_linear_layers``).
+
+    The head is the module ``model.get_output_embeddings()`` returns, whatever its name (``lm_head``,
+    Whisper's ``proj_out``); a model without that method keeps every Linear.
+    """
+    head = embedding_module(model, "output")
+    names = [n for n, m in model.named_modules() if n and isinstance(m, LORA_BASE_TYPES) and m is not head]
+    if not names:
+        raise ValueError(
+            f"targets='all-linear' found no Linear module in {type(model).__name__} besides its output head"
+        )
+    return names
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its base weight (``W0 <- W0 + (alpha / r) B A``); returns the model."""
-    for layer in _layers_not_yet(model, "merge_lora", merged=True).values():
+    """Fold every LoRA update into its base weight (``W0 <- W0 + (alpha / r) B A``); returns the model.
+
+    Every merged weight is checked for NaN and Inf before any is written (peft's ``safe_merge``), so
+    a broken adapter raises ``ValueError`` naming its layer and leaves every base weight as it was.
+    """
+    layers = _layers_not_yet(model, "merge_lora", merged=True)
+    _check_all_merges(layers, "merge_lora")
+    for layer in layers.values():
         layer.merge()
     return model
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Undo ``merge_lora``: ``W0 <- W0 - (alpha / r) B A``; returns the model."""
-    for layer in _layers_not_yet(model, "unmerge_lora", merged=False).values():
+    """Undo ``merge_lora``: ``W0 <- W0 - (alpha / r) B A``; returns the model (checked as ``merge_lora``)."""
+    layers = _layers_not_yet(model, "unmerge_lora", merged=False)
+    _check_all_merges(layers, "unmerge_lora", sign=-1)
+    for layer in layers.values():
         layer.unmerge()
     return model
 
@@ -220,12 +335,21 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 def unload_lora(model: nn.Module) -> nn.Module:
     """Merge (where not merged yet) and put the plain base layers back (peft's ``merge_and_unload``)."""
     layers = _require_lora(model, "unload_lora")
+    _check_all_merges({n: m for n, m in layers.items() if not m.merged}, "unload_lora")
     for name, layer in layers.items():
         if not layer.merged:
             layer.merge()
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer.base_layer)
+        set_module(model, name, layer.base_layer)
     return model
+
+
+@torch.no_grad()
+def _check_all_merges(layers: dict[str, LoRALinear], what: str, sign: int = 1) -> None:
+    """Compute each ``W0 + sign * dW`` (one layer at a time) and refuse before anything is written."""
+    verb = "merge" if sign > 0 else "unmerge"
+    for name, layer in layers.items():
+        layer._check_mergeable(verb)
+        check_finite_merge(f"{what}: LoRA layer {name!r}", layer, layer.merged_weight(sign), verb)
 
 
 def _layers_not_yet(model: nn.Module, what: str, merged: bool) -> dict[str, LoRALinear]:

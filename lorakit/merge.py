@@ -22,6 +22,7 @@ writes and ``AutoModelForCausalLM.from_pretrained`` reads back without lorakit.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,8 +33,8 @@ from torch import nn
 from lorakit.blockwise import quantize_blockwise, unpack_codes
 from lorakit.codebooks import widest_gap
 from lorakit.double_quant import dequantize_absmax
-from lorakit.linear4bit import Linear4bit, _set_module, dequantize_model
-from lorakit.lora import lora_layers
+from lorakit.linear4bit import Linear4bit, dequantize_model, set_module, to_float_layer
+from lorakit.lora import check_finite_merge, lora_layers
 
 MERGE_STRATEGIES = ("dequantized", "requantized", "original")
 
@@ -68,34 +69,36 @@ def merge_qlora(
         )
     weights = _original_weights(model, original) if strategy == "original" else {}
 
+    # Build every merged layer first and check it (peft's safe_merge), so that a NaN or Inf adapter
+    # raises before any module of the model is replaced.
+    merged_layers = {}
     for name, layer in layers.items():
         base = layer.base_layer
         w0 = weights[name] if strategy == "original" else base.dequantize()  # (d_out, d_in)
-        w = w0 + layer.delta_weight()  # W0 + (alpha / r) B A, added in W0's dtype as peft's bnb merge
-        if strategy == "requantized":
+        w = w0 + layer.delta_weight()  # W0 + (alpha / r) B A in the promoted dtype, as peft's bnb merge adds them
+        check_finite_merge(f"merge_qlora: LoRA layer {name!r}", layer, w.to(w0.dtype))
+        if strategy == "requantized":  # peft: Params4bit(w_data) quantizes the sum before any rounding to W0's dtype
             packed, state = quantize_blockwise(w, base.quant_type, base.blocksize, base.double_quant, base.bits,
                                                name=f"{name}.weight")
-            merged = Linear4bit(packed, state, base.bias).to(base.weight_packed.device)
+            state = dataclasses.replace(state, dtype=base.weight_dtype)  # decodes to W0's dtype, as before the merge
+            merged_layers[name] = Linear4bit(packed, state, base.bias, base.from_conv1d).to(base.weight_packed.device)
         else:
-            merged = _linear(w, base)
-        _set_module(model, name, merged)
+            merged_layers[name] = _linear(w, base)  # rounded once to W0's dtype
+    for name, merged in merged_layers.items():
+        set_module(model, name, merged)
 
     if strategy == "dequantized":
         dequantize_model(model)  # the 4-bit layers that had no LoRA
     elif strategy == "original":
         for name, q in _four_bit_layers(model).items():  # the 4-bit layers that had no LoRA
-            _set_module(model, name, _linear(weights[name], q))
+            set_module(model, name, _linear(weights[name], q))
     return model
 
 
-def _linear(weight: torch.Tensor, like: Linear4bit) -> nn.Linear:
-    """An ``nn.Linear`` holding ``weight`` (d_out, d_in) in ``like``'s weight dtype, with its bias."""
-    linear = nn.Linear(like.in_features, like.out_features, bias=like.bias is not None,
-                       device=like.weight_packed.device, dtype=like.weight_dtype)
-    linear.weight.copy_(weight)
-    if like.bias is not None:
-        linear.bias.copy_(like.bias)
-    return linear.requires_grad_(False)
+def _linear(weight: torch.Tensor, like: Linear4bit) -> nn.Module:
+    """A frozen float layer holding ``weight`` (d_out, d_in) in ``like``'s weight dtype, with its bias
+    (an ``nn.Linear``, or GPT-2's ``Conv1D`` if ``like`` was quantized from one)."""
+    return to_float_layer(weight, like).requires_grad_(False)
 
 
 def _four_bit_layers(model: nn.Module) -> dict[str, Linear4bit]:
@@ -117,6 +120,8 @@ def _original_weights(model: nn.Module, original) -> dict[str, torch.Tensor]:
         if key not in state:
             raise KeyError(f"original has no {key!r} for the 4-bit layer {name!r}; pass the model that was quantized")
         w0 = state[key].to(device=q.weight_packed.device, dtype=q.weight_dtype)
+        if q.from_conv1d:  # GPT-2's Conv1D stores (d_in, d_out)
+            w0 = w0.T
         if tuple(w0.shape) != (q.out_features, q.in_features):
             raise ValueError(
                 f"original's {key!r} has shape {tuple(w0.shape)}, but the 4-bit layer {name!r} holds "

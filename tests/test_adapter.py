@@ -201,8 +201,18 @@ def test_an_interrupted_save_leaves_no_half_written_adapter(trained, tmp_path, m
     assert list((tmp_path / "new").iterdir()) == []  # nothing half-written in a fresh folder
 
 
-def test_atomic_write_replaces_the_file(tmp_path):
-    target = tmp_path / "f.txt"
-    target.write_text("old")
-    adapter_module._atomic_write(target, lambda tmp: open(tmp, "w").write("new"))
-    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+def test_adapter_files_get_the_umask_mode(trained, tmp_path):
+    """Written by lorakit._io.atomic_write: 0666 less the umask, as open() would give (mkstemp's 0600 would not)."""
+    from lorakit._io import default_file_mode
+
+    save_adapter(trained, tmp_path / "shared")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "shared").iterdir()}
+    assert modes == {"adapter_config.json": default_file_mode(), "adapter_model.safetensors": default_file_mode()}
+
+
+def test_save_to_an_existing_file_names_the_path(trained, tmp_path):
+    target = tmp_path / "adapter.bin"
+    target.write_text("not a folder")
+    with pytest.raises(FileExistsError, match=rf"save_adapter: '{target}' is an existing file, not a folder"):
+        save_adapter(trained, target)
+    assert target.read_text() == "not a folder"

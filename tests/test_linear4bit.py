@@ -108,6 +108,30 @@ def test_quantize_model_settings_and_skip_patterns():
     assert isinstance(model.layers[0]["up_proj"], nn.Linear)
 
 
+@pytest.mark.parametrize("quant_type, bits, expected", [("int8", None, "int8"), ("nf3", None, "nf3"),
+                                                         ("nf", None, "nf4"), ("int", 8, "int8")])
+def test_quantize_model_takes_the_width_from_quant_type(quant_type, bits, expected):
+    """The docstring's quant_type="int8" / "nf3" work: bits defaults to None (the width in the name, else 4)."""
+    model = quantize_model(Tiny(), quant_type=quant_type, bits=bits)
+    down = model.layers[0]["down_proj"]
+    assert down.quant_type == expected and down.bits == int(expected[-1]) and down.code.numel() == 2 ** down.bits
+
+
+def test_a_head_tied_to_the_embeddings_is_never_quantized():
+    """Whatever skip says: quantizing a tied head would quantize (and untie) the input embeddings too."""
+    from tiny_models import tiny_llama
+
+    from lorakit.linear4bit import kept_in_full_precision
+
+    model = tiny_llama()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert kept_in_full_precision(model) == {"lm_head"}
+    quantize_model(model, skip=())
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
+    untied = quantize_model(tiny_llama(tie_word_embeddings=False), skip=())  # an untied head is still the output head
+    assert type(untied.lm_head) is nn.Linear
+
+
 def test_dequantize_model_restores_plain_linears():
     model = quantize_model(Tiny())
     weights = {name: m.dequantize() for name, m in model.named_modules() if isinstance(m, Linear4bit)}

@@ -52,11 +52,15 @@ def test_A_init_is_peft_kaiming_uniform():
         assert abs(A.std().item() - bound / math.sqrt(3)) < 0.02 * bound  # std of U(-b, b) is b / sqrt(3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_lora_follows_the_base_layers_dtype(dtype):
-    layer = LoRALinear(nn.Linear(8, 6, dtype=dtype), r=2)
-    assert layer.lora_A.dtype == layer.lora_B.dtype == dtype
-    assert layer(torch.randn(3, 8, dtype=dtype)).dtype == dtype
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("autocast", [True, False])
+def test_adapter_dtype_follows_peft(dtype, autocast):
+    """peft's autocast_adapter_dtype: True (its default) upcasts fp16/bf16 adapters to fp32; False keeps the base's."""
+    ours = LoRALinear(nn.Linear(8, 6, dtype=dtype), r=2, autocast_adapter_dtype=autocast)
+    theirs = peft_model(nn.Sequential(nn.Linear(8, 6, dtype=dtype)), ["0"], r=2, autocast_adapter_dtype=autocast)
+    expected = theirs.base_model.model[0].lora_A["default"].weight.dtype
+    assert ours.lora_A.dtype == ours.lora_B.dtype == expected
+    assert ours(torch.randn(3, 8, dtype=dtype)).dtype == dtype  # the output keeps the base layer's dtype
 
 
 def test_zero_B_gives_exactly_the_base_output():
@@ -79,7 +83,7 @@ def test_wraps_a_linear_like_layer_but_will_not_merge_it():
             return self.inner(x)
 
     fake = FakeQuantLinear()
-    layer = LoRALinear(fake, r=2)
+    layer = LoRALinear(fake, r=2, autocast_adapter_dtype=False)
     assert layer.lora_A.dtype == torch.float32
     x = torch.randn(4, 8)
     with torch.no_grad():
@@ -95,9 +99,10 @@ def test_wraps_a_linear_like_layer_but_will_not_merge_it():
             self.weight = nn.Parameter(torch.zeros(24, 1, dtype=torch.uint8), requires_grad=False)
             self.compute_dtype = torch.bfloat16
 
-    packed = LoRALinear(PackedLinear(), r=2)
+    packed = LoRALinear(PackedLinear(), r=2, autocast_adapter_dtype=False)
     assert packed.lora_A.dtype == torch.bfloat16  # the base layer's compute dtype, not uint8
-    with pytest.raises(NotImplementedError, match="cannot merge LoRA into a PackedLinear base layer; only an nn.Linear with a floating-point"):
+    assert LoRALinear(PackedLinear(), r=2).lora_A.dtype == torch.float32  # upcast, as peft by default
+    with pytest.raises(NotImplementedError, match=r"cannot merge LoRA into a PackedLinear base layer; only an nn.Linear \(or GPT-2's Conv1D\) with a floating-point"):
         unload_lora(nn.Sequential(packed))
 
 
@@ -188,6 +193,102 @@ def test_merged_weights_equal_peft_merge_and_unload(tiny):
         assert torch.equal(ours_sd[key], theirs_sd[key]), key
 
 
+@pytest.mark.parametrize("autocast", [True, False])
+def test_bf16_base_matches_peft_outputs_grads_and_merge(tiny, autocast):
+    """A bf16 model: peft's add-then-cast forward and its merge, with fp32 adapters (its default) and bf16 ones."""
+    base = copy.deepcopy(tiny).to(torch.bfloat16)
+    ours = add_lora(copy.deepcopy(base), ALL_PROJ, r=4, alpha=8, autocast_adapter_dtype=autocast)
+    randomize_lora(ours)
+    theirs = peft_model(base, ALL_PROJ, r=4, alpha=8, autocast_adapter_dtype=autocast)
+    copy_lora_into_peft(ours, theirs)
+    adapter_dtype = torch.float32 if autocast else torch.bfloat16
+    assert all(layer.lora_A.dtype == adapter_dtype for layer in lora_layers(ours).values())
+    a, b = ours(input_ids=IDS, labels=IDS), theirs(input_ids=IDS, labels=IDS)
+    assert a.logits.dtype == torch.bfloat16 and torch.equal(a.logits, b.logits)
+    a.loss.backward()
+    b.loss.backward()
+    peft_layers = dict(theirs.base_model.model.named_modules())
+    for name, layer in lora_layers(ours).items():
+        assert torch.equal(layer.lora_B.grad, peft_layers[name].lora_B["default"].weight.grad), name
+    ours_sd, theirs_sd = unload_lora(ours).state_dict(), theirs.merge_and_unload().state_dict()
+    for key in ours_sd:
+        assert torch.equal(ours_sd[key], theirs_sd[key]), key
+
+
+def test_lora_term_is_added_then_cast_as_peft():
+    """A bf16 base output plus an fp32 LoRA term: peft adds in fp32 and rounds once; cast-then-add would round twice."""
+    base = nn.Linear(64, 64, dtype=torch.bfloat16)
+    layer = LoRALinear(copy.deepcopy(base), r=4, alpha=8)  # fp32 adapter on a bf16 base
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.3)
+    x = torch.randn(16, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        h, lora = base(x), layer.scaling * (x.float() @ layer.lora_A.T @ layer.lora_B.T)
+        out = layer(x)
+    assert torch.equal(out, (h + lora).to(torch.bfloat16))
+    assert not torch.equal(out, h + lora.to(torch.bfloat16))  # the other order differs here, so the test can fail
+
+
+def test_all_linear_matches_peft(tiny):
+    ours = add_lora(copy.deepcopy(tiny), "all-linear", r=2)
+    theirs = peft_model(tiny, "all-linear", r=2)
+    peft_wrapped = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A") and n}
+    assert set(lora_layers(ours)) == peft_wrapped
+    assert len(peft_wrapped) == 14 and "lm_head" not in peft_wrapped  # every projection, not the output head
+    small = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))  # no get_output_embeddings: every Linear
+    assert set(lora_layers(add_lora(small, "ALL-LINEAR", r=1))) == {"0", "2"}
+
+
+# ---------------------------------------------------------------- safe merge
+
+
+def _poison(model, name, part="lora_B", value=float("nan")):
+    with torch.no_grad():
+        getattr(lora_layers(model)[name], part)[0, 0] = value
+
+
+@pytest.mark.parametrize("merge", [merge_lora, unload_lora])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_nan_or_inf_adapter_is_not_merged_and_the_base_is_untouched(tiny, merge, value):
+    model = add_lora(copy.deepcopy(tiny), ALL_PROJ, r=4, alpha=8)
+    randomize_lora(model)
+    bad = "model.layers.1.mlp.down_proj"  # the last layer: every other layer would merge before it
+    _poison(model, bad, value=value)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    kind = "1 NaN and 0 Inf" if value != value else "0 NaN and 1 Inf"
+    with pytest.raises(ValueError, match=rf"{merge.__name__}: LoRA layer '{bad}'.*refusing to merge.*lora_B has {kind} values.*No base weight was changed"):
+        merge(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.allclose(after[n], before[n], rtol=0, atol=0, equal_nan=True) for n in before)  # bit for bit
+    assert len(lora_layers(model)) == 14 and not any(layer.merged for layer in lora_layers(model).values())
+
+
+def test_unmerge_with_an_adapter_broken_after_merging_is_refused(tiny):
+    model = add_lora(copy.deepcopy(tiny), ALL_PROJ, r=4, alpha=8)
+    randomize_lora(model)
+    merge_lora(model)
+    bad = "model.layers.1.self_attn.v_proj"
+    _poison(model, bad, part="lora_A")
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"unmerge_lora: LoRA layer '{bad}': refusing to unmerge.*lora_A has 1 NaN"):
+        unmerge_lora(model)
+    after = model.state_dict()
+    assert all(torch.allclose(after[n], before[n], rtol=0, atol=0, equal_nan=True) for n in before)
+    assert all(layer.merged for layer in lora_layers(model).values())
+
+
+def test_merge_that_overflows_the_base_dtype_is_refused():
+    layer = LoRALinear(nn.Linear(4, 4, dtype=torch.float16), r=2, alpha=2)
+    with torch.no_grad():
+        layer.lora_A.fill_(300.0)
+        layer.lora_B.fill_(300.0)  # dW = 2 * 300 * 300 = 180,000 > float16's max 65,504
+    w0 = layer.base_layer.weight.clone()
+    with pytest.raises(ValueError, match=r"refusing to merge: the result would have 16 NaN/Inf values \(W0 \+ dW overflows torch.float16"):
+        layer.merge()
+    assert torch.equal(layer.base_layer.weight, w0) and not layer.merged
+
+
 # ---------------------------------------------------------------- properties
 
 
@@ -201,7 +302,8 @@ def test_properties_against_peft(d_in, d_out, r_frac, alpha, dtype, rslora, seed
     torch.manual_seed(seed)
     base = nn.Linear(d_in, d_out, dtype=dtype)
     x = torch.randn(3, 2, d_in, dtype=dtype)  # (B, T, d_in)
-    ours = LoRALinear(copy.deepcopy(base), r=r, alpha=alpha, rslora=rslora)
+    # peft's Linear layer on its own keeps the base dtype (the upcast is get_peft_model's): compare like with like.
+    ours = LoRALinear(copy.deepcopy(base), r=r, alpha=alpha, rslora=rslora, autocast_adapter_dtype=False)
     assert torch.equal(ours(x), base(x))  # B = 0: exactly the base output
     with torch.no_grad():
         ours.lora_B.normal_()

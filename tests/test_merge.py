@@ -56,29 +56,34 @@ def tiny():
 # ---------------------------------------------------------------- against peft + bitsandbytes
 
 
-def bnb_qlora(base, folder):
+def bnb_qlora(base, folder, dtype=torch.float32):
     """transformers + bitsandbytes NF4 (double quant) + peft LoRA with random A and B, from ``base``."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     base.save_pretrained(folder)
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.uint8)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map={"": "cpu"},
+                                bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": "cpu"},
                                                  quantization_config=config)
     torch.manual_seed(1)
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=ALL_PROJ, init_lora_weights=False))
 
 
-def test_requantized_is_bit_identical_to_peft_merge_into_bitsandbytes_4bit(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_requantized_is_bit_identical_to_peft_merge_into_bitsandbytes_4bit(tmp_path, dtype):
+    """In bfloat16 both keep fp32 adapters (peft's autocast_adapter_dtype) and quantize the fp32 sum W0 + dW."""
     pytest.importorskip("bitsandbytes")
     # Rows a whole number of blocks long, as in SmolLM2 (576, 1536): for rows shorter than a block,
     # bitsandbytes 0.50.2's native CPU dequantize (AVX-512 machines) reads the wrong block's absmax
     # (see blocks_follow_rows in test_quantization.py), and peft's merge dequantizes through it.
+    from transformers import AutoModelForCausalLM
+
     tiny = tiny_llama(hidden_size=64, intermediate_size=128)
-    theirs = bnb_qlora(tiny, tmp_path)  # its LoRA weights are overwritten with ours below
+    theirs = bnb_qlora(tiny, tmp_path, dtype)  # its LoRA weights are overwritten with ours below
     keep_bnb_reference_path(theirs)  # AVX512-BF16 CPUs: no bfloat16 repacking at the first no-grad forward
-    ours = qlora(tiny)
+    # The same bf16 model for us: from_pretrained keeps the rotary inv_freq in fp32, where .to(dtype) would cast it.
+    ours = qlora(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype) if dtype != torch.float32 else tiny)
     peft_layers = dict(theirs.base_model.model.named_modules())
     with torch.no_grad():
         for name, layer in lora_layers(ours).items():
@@ -316,3 +321,24 @@ def test_smollm2_dequantized_merge_round_trip(smollm2, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert torch.equal(logits(reloaded, ids), merged_logits)
     assert tokens_per_second(reloaded, tokenizer, "Shall I", new_tokens=4, repeats=1) > 0
+
+
+# ---------------------------------------------------------------- safe merge
+
+
+@pytest.mark.parametrize("strategy", ["dequantized", "requantized", "original"])
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_a_nan_or_inf_adapter_is_refused_and_the_model_left_as_it_was(tiny, strategy, value):
+    model = qlora(tiny)
+    bad = "model.layers.1.mlp.down_proj"  # the last LoRA layer: the others would be merged before it
+    with torch.no_grad():
+        lora_layers(model)[bad].lora_A[0, 0] = value
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    modules = dict(model.named_modules())
+    original = tiny if strategy == "original" else None
+    with pytest.raises(ValueError, match=rf"merge_qlora: LoRA layer '{bad}': refusing to merge.*lora_A has .* values.*No base weight was changed"):
+        merge_qlora(model, strategy, original=original)
+    assert dict(model.named_modules()) == modules  # the very same modules, none replaced
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.allclose(after[n], before[n], rtol=0, atol=0, equal_nan=True) for n in before)  # bit for bit
