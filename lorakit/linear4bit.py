@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.blockwise import QuantState, dequantize_blockwise, quantize_blockwise, storage
+from lorakit.blockwise import QuantState, dequantize_blockwise, quantize_blockwise
 from lorakit.codebooks import parse_kind
 from lorakit.double_quant import SecondLevelState
 
@@ -128,10 +128,6 @@ class Linear4bit(nn.Module):
         for name, buf in kept.items():
             self._buffers[name] = buf.to(target.device)
         return self
-
-    def storage_bytes(self) -> int:
-        """Bytes of the quantized weight and its constants (the bias not included)."""
-        return storage(self.weight_packed, self.state).total_bytes
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
