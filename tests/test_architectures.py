@@ -224,7 +224,7 @@ def test_gpt2_qlora_matches_peft_on_bitsandbytes(tmp_path):
     pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model
 
-    from lorakit import keep_bnb_reference_path
+    from lorakit.models import keep_bnb_reference_path
 
     base = tiny_gpt2()
     batch = tiny_inputs(base)
