@@ -318,26 +318,22 @@ import sys, torch
 from lorakit.memory import return_freed_memory, rss_parts
 if sys.argv[1] == "fixed":
     assert return_freed_memory()
-x = torch.ones(2_000_000); del x  # one 8 MB mapping freed: glibc raises its mmap threshold to 8 MB
+x = torch.ones(7_500_000); del x  # a 30 MB mapping freed: by default glibc raises its mmap threshold to 30 MB
 base = rss_parts()["anon"]
-keep = []
-for _ in range(40):  # a training step's pattern: large tensors freed, small ones kept between them
-    big = [torch.ones(2_000_000) for _ in range(4)]
-    keep.append(torch.ones(1000))
-    del big
+x = torch.ones(7_500_000); del x  # the same size again: by default from the heap now, and kept there when freed
 print((rss_parts()["anon"] - base) / 1e6)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc are Linux's")
 def test_return_freed_memory_gives_freed_tensors_back():
-    """Without the fixed threshold glibc keeps the freed 8 MB tensors in its heap; with it, none stay."""
+    """By default glibc keeps a freed 30 MB tensor in its heap (after the first such free); fixed, it is given back."""
     grown = {}
     for mode in ("default", "fixed"):
         out = subprocess.run([sys.executable, "-c", _CHURN, mode], capture_output=True, text=True, check=True)
         grown[mode] = float(out.stdout.split()[-1])
     assert grown["fixed"] < 10, f"resident memory grew by {grown['fixed']:.0f} MB with the threshold fixed"
-    assert grown["default"] > 5 * max(grown["fixed"], 10), (
+    assert grown["default"] > 25, (
         f"glibc's default kept {grown['default']:.0f} MB against {grown['fixed']:.0f} MB: "
         "the test no longer shows what return_freed_memory changes"
     )
