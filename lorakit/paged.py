@@ -17,6 +17,11 @@ A page holds ``K`` rows (one per state tensor) of ``E`` elements; parameters are
 segments that each lie in one page. The wrapped optimizer is called on *views* of the parameter,
 its gradient and the page rows, so its own arithmetic runs unchanged: the updates equal the
 unwrapped optimizer's bit for bit, whatever the budget (``tests/test_paged.py``).
+
+``PagedOptimizer`` is a ``torch.optim.Optimizer``: its ``param_groups`` are the wrapped optimizer's, so
+learning-rate schedulers drive it, and ``state_dict`` / ``load_state_dict`` gather the state from
+the pages and scatter it back, in the wrapped optimizer's own format (a checkpoint of a paged run
+loads into the unpaged optimizer, and back).
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ def _remove_file(path: str) -> None:
         pass
 
 
-class PagedOptimizer:
+class PagedOptimizer(torch.optim.Optimizer):
     """Wrap ``optimizer`` so its state lives in pages, at most ``budget_bytes`` of them resident.
 
     ``page_bytes`` (default 1 MiB) is the unit moved between tiers; ``budget_bytes`` must hold at
@@ -83,11 +88,13 @@ class PagedOptimizer:
         if budget_bytes < page_bytes:
             raise ValueError(f"budget_bytes={budget_bytes:,} is smaller than one page ({page_bytes:,} bytes): "
                              "the fast tier must hold at least one page")
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        super().__init__(params, optimizer.defaults)  # hooks and bookkeeping of torch.optim.Optimizer
+        self.param_groups = optimizer.param_groups  # the same dicts: a scheduler's lr reaches the wrapped one
         self.optimizer = optimizer
         self.page_bytes = page_bytes
         self.budget_bytes = budget_bytes
         self.max_resident_pages = budget_bytes // page_bytes
-        params = [p for g in optimizer.param_groups for p in g["params"]]
         devices = {p.device for p in params}
         if len(devices) != 1:
             raise ValueError(f"PagedOptimizer: all parameters must be on one device, got {sorted(map(str, devices))}")
@@ -105,7 +112,6 @@ class PagedOptimizer:
             os.close(fd)
             self._slow = torch.from_file(self.path, shared=True, size=n_pages * page_bytes, dtype=torch.uint8)
         self._resident: OrderedDict[int, torch.Tensor] = OrderedDict()  # page -> frame, LRU first
-        self._free_frames: list[torch.Tensor] = []
         self.closed = False
         self.bytes_in = self.bytes_out = 0
         self.page_ins = self.page_outs = self.hits = 0
@@ -172,8 +178,6 @@ class PagedOptimizer:
             self._slow_page(victim).copy_(frame, non_blocking=True)  # write back
             self.bytes_out += self.page_bytes
             self.page_outs += 1
-        elif self._free_frames:
-            frame = self._free_frames.pop()
         else:
             frame = torch.empty(self.page_bytes, dtype=torch.uint8, device=self.device)
         frame.copy_(self._slow_page(page), non_blocking=True)
@@ -183,20 +187,6 @@ class PagedOptimizer:
         self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
         self.seconds_paging += time.perf_counter() - t0
         return frame
-
-    def flush(self) -> None:
-        """Write every resident page back to the slow tier and release the fast tier."""
-        t0 = time.perf_counter()
-        for page, frame in self._resident.items():
-            self._slow_page(page).copy_(frame)
-            self.bytes_out += self.page_bytes
-            self.page_outs += 1
-            self._free_frames.append(frame)
-        self._resident.clear()
-        self._free_frames.clear()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds_paging += time.perf_counter() - t0
 
     @property
     def resident_bytes(self) -> int:
@@ -271,9 +261,64 @@ class PagedOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.optimizer.param_groups
+    def add_param_group(self, param_group: dict) -> None:
+        if hasattr(self, "optimizer"):  # torch.optim.Optimizer.__init__ adds the first groups itself
+            raise TypeError("PagedOptimizer: the pages are laid out once; give every parameter group to the "
+                            "wrapped optimizer before wrapping it")
+        super().add_param_group(param_group)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _indexed_params(self) -> list[torch.Tensor]:
+        """Parameters in state-dict order: as torch numbers them, group after group."""
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def state_dict(self) -> dict:
+        """The wrapped optimizer's ``state_dict``, with the state gathered from the pages."""
+        index = {id(p): i for i, p in enumerate(self._indexed_params())}
+        groups = []
+        for g in self.param_groups:
+            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": [index[id(p)] for p in g["params"]]})
+        state = {}
+        for p in self._indexed_params():
+            full = self.state_of(p)
+            if full:
+                state[index[id(p)]] = full
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Scatter a ``state_dict`` (of this optimizer, or of the unpaged one) into the pages."""
+        if self.closed:
+            raise RuntimeError("PagedOptimizer: this optimizer is closed (after close() or a failed step)")
+        groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError("PagedOptimizer.load_state_dict: the state dict's parameter groups do not match "
+                             "this optimizer's (another model, or other parameter groups?)")
+        for group, saved in zip(self.param_groups, groups):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        self._write_back_all()
+        params = self._indexed_params()
+        for seg in self._segments:
+            seg.scalars = None
+        for i, full in state_dict["state"].items():
+            self._scatter(params[int(i)], full)
+
+    def _write_back_all(self) -> None:
+        """Copy every resident page back to the slow tier and release the fast tier."""
+        for page, frame in self._resident.items():
+            self._slow_page(page).copy_(frame)
+        self._resident.clear()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _scatter(self, param: torch.Tensor, full: dict) -> None:
+        """Write ``param``'s full state into its segments' page rows and scalars (slow tier)."""
+        for seg in (s for s in self._segments if s.param is param):
+            names = self._layouts[seg.group].names
+            seg.scalars = {k: v.clone() if torch.is_tensor(v) else v for k, v in full.items() if k not in names}
+            rows = self._rows(self._slow_page(seg.page), seg.page)  # (K, E), a view of the slow tier
+            for k, name in enumerate(names):
+                value = full[name].reshape(-1)[seg.start : seg.stop]
+                rows[k, seg.offset : seg.offset + seg.stop - seg.start].copy_(value)
 
     def state_of(self, param: torch.Tensor) -> dict:
         """``param``'s full state, gathered from the pages (for inspection and tests)."""
@@ -305,7 +350,6 @@ class PagedOptimizer:
             return
         self.closed = True
         self._resident.clear()
-        self._free_frames.clear()
         self._slow = torch.empty(0, dtype=torch.uint8)
         if self.path is not None:
             self._finalizer()  # removes the file once, and never again at garbage collection
