@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"held-out perplexity after:  {m['ppl_after']:.2f}  ({100 * (m['ppl_after'] / m['ppl_before'] - 1):+.1f}%)")
     rate = f" ({m['seconds_per_step']:.2f} s/step)" if m["seconds_per_step"] else ""
     print(f"{m['steps']} steps, {m['steps_this_process']} of them in this process in {m['seconds']:.1f} s{rate}; "
-          f"peak RSS {m['peak_rss_mb']:.0f} MB; trainable {m['trainable_params']:,} of {m['total_params']:,} parameters "
-          f"({m['total_params'] / 1e6:.1f} M in all)")
+          f"peak RSS {m['peak_rss_mb']:.0f} MB")
+    print(f"trainable {m['trainable_params']:,} of {m['total_params']:,} parameters ({100 * m['trainable_params'] / "
+          f"m['total_params']:.2f}%); the base model has {m['base_params'] / 1e6:.1f} M")
     if m["interrupted"]:
         print("interrupted: no evaluation after training; run the same command again to resume from the last checkpoint")
     if m["diverged"]:

@@ -24,7 +24,7 @@ from lorakit.lora import LLAMA_PROJECTIONS
 from lorakit.memory import METHODS
 from lorakit.models import DEFAULT_MODEL
 from lorakit.runtime import check_device
-from lorakit.train import OPTIMIZERS
+from lorakit.train import OPTIMIZERS, check_optimizer
 
 BACKENDS = ("lorakit", "hf")
 # QLoRA section 4: LoRA on every linear layer of the transformer blocks matches full fine-tuning.
@@ -92,6 +92,7 @@ def check_settings(config: FinetuneConfig) -> None:
     _choice("backend", config.backend, BACKENDS)
     _choice("corpus", config.corpus, CORPORA)
     _choice("optimizer", config.optimizer, OPTIMIZERS)
+    check_optimizer(config.optimizer)
     if config.method != "full":
         if isinstance(config.rank, bool) or not isinstance(config.rank, int) or not 1 <= config.rank <= MAX_RANK:
             raise ValueError(f"rank={config.rank!r} is not valid; use an integer from 1 to {MAX_RANK} (1-64 is typical)")

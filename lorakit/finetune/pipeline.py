@@ -197,6 +197,7 @@ def finetune(
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
         "trainable_params": params.trainable,
         "total_params": params.total,  # 4-bit weights counted as the parameters they stand for
+        "base_params": params.total - params.trainable if config.method != "full" else params.total,
         "final_loss": result.losses[-1] if result.losses else None,
         "interrupted": result.interrupted,
         "diverged": result.diverged,

@@ -43,8 +43,8 @@ from lorakit.steps import median_time
 RUNS = {
     "full": dict(method="full"),
     "lora": dict(method="lora"),
-    "qlora_nf4": dict(method="qlora", quant_type="nf", double_quant=True),
-    "qlora_fp4": dict(method="qlora", quant_type="fp", double_quant=True),
+    "qlora_nf4": dict(method="qlora", kind="nf", double_quant=True),
+    "qlora_fp4": dict(method="qlora", kind="fp", double_quant=True),
 }
 
 
@@ -223,7 +223,7 @@ def train_run(name: str, settings: dict, adapter_dir: str | None) -> dict:
     clock("load, evaluate, train, evaluate")
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]  # steps 2..N: the first one allocates the optimizer
     out = dict(
-        method=fconfig.method, quant_type=fconfig.quant_type if fconfig.method == "qlora" else None,
+        method=fconfig.method, quant_type=fconfig.kind if fconfig.method == "qlora" else None,
         lr=fconfig.learning_rate, ppl_before=result.metrics["ppl_before"], ppl_after=result.metrics["ppl_after"],
         final_loss=result.metrics["final_loss"],
         step_seconds=statistics.median(gaps) if gaps else result.metrics["seconds_per_step"],
