@@ -193,3 +193,53 @@ def test_resident_peak_counts_only_resident_pages(tmp_path):
     assert resident_peak(plain, ref_opt) == base + plain.optimizer_state
     assert resident_peak(paged, opt) == base + 2 * PAGE < resident_peak(plain, ref_opt)
     opt.close()
+
+
+def test_it_is_an_optimizer_that_lr_schedulers_drive(tmp_path):
+    ref, paged = make_model(), make_model()
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=3e-2)
+    opt = PagedOptimizer(torch.optim.AdamW(paged.parameters(), lr=3e-2), budget_bytes=2 * PAGE, page_bytes=PAGE,
+                         page_dir=str(tmp_path))
+    assert isinstance(opt, torch.optim.Optimizer)
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (s + 1)) for o in (opt_ref, opt)]
+    for _ in range(3):
+        train(ref, opt_ref, 1)
+        train(paged, opt, 1)
+        for schedule in schedules:
+            schedule.step()
+    assert opt.optimizer.param_groups[0]["lr"] == opt_ref.param_groups[0]["lr"] == pytest.approx(3e-2 / 4)
+    for a, b in zip(ref.parameters(), paged.parameters()):
+        assert torch.equal(a, b)  # the scheduled learning rates reached the wrapped optimizer
+    opt.close()
+
+
+def test_state_dict_is_the_wrapped_optimizers_and_loads_back(tmp_path):
+    hyper = dict(lr=3e-2, weight_decay=0.1)
+    ref, paged = make_model(), make_model()
+    opt_ref = torch.optim.AdamW(ref.parameters(), **hyper)
+    opt = PagedOptimizer(torch.optim.AdamW(paged.parameters(), **hyper), budget_bytes=2 * PAGE, page_bytes=PAGE,
+                         page_dir=str(tmp_path))
+    train(ref, opt_ref, 3)
+    train(paged, opt, 3)
+    saved, expected = opt.state_dict(), opt_ref.state_dict()
+    assert saved["param_groups"] == expected["param_groups"]
+    assert saved["state"].keys() == expected["state"].keys()
+    for i, state in expected["state"].items():
+        for name, value in state.items():
+            assert torch.equal(saved["state"][i][name], value), (i, name)
+    # a fresh paged optimizer, loaded from the plain one's state, continues exactly as the plain one does
+    resumed = make_model()
+    resumed.load_state_dict(ref.state_dict())
+    opt_resumed = PagedOptimizer(torch.optim.AdamW(resumed.parameters(), **hyper), budget_bytes=3 * PAGE,
+                                 page_bytes=PAGE, page_dir=str(tmp_path))
+    opt_resumed.load_state_dict(expected)
+    train(ref, opt_ref, 2, seed=5)
+    train(resumed, opt_resumed, 2, seed=5)
+    for a, b in zip(ref.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="parameter groups do not match"):
+        opt_resumed.load_state_dict({"state": {}, "param_groups": [{"params": [0]}]})
+    with pytest.raises(TypeError, match="give every parameter group to the wrapped optimizer"):
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)]})
+    opt.close()
+    opt_resumed.close()
