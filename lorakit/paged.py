@@ -85,6 +85,9 @@ class PagedOptimizer(torch.optim.Optimizer):
             raise ValueError("PagedOptimizer: wrap the optimizer before its first step (its state is not empty)")
         if page_bytes < 64:
             raise ValueError(f"page_bytes={page_bytes}: a page must hold at least 64 bytes")
+        if page_dir is not None and not os.path.isdir(page_dir):
+            raise ValueError(f"page_dir={page_dir!r} is not a folder; give an existing folder for the page file, "
+                             "or None for the system's temporary folder")
         if budget_bytes < page_bytes:
             raise ValueError(f"budget_bytes={budget_bytes:,} is smaller than one page ({page_bytes:,} bytes): "
                              "the fast tier must hold at least one page")

@@ -82,6 +82,12 @@ def test_parameters_without_grad_are_skipped_like_torch(tmp_path):
     assert opt.state_of(paged[0].bias) == {}
 
 
+def test_a_page_dir_that_is_not_a_folder_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="page_dir=.*missing.* is not a folder"):
+        PagedOptimizer(torch.optim.AdamW(make_model().parameters()), budget_bytes=PAGE, page_bytes=PAGE,
+                       page_dir=str(tmp_path / "missing"))
+
+
 def test_budget_smaller_than_one_page_is_an_error():
     with pytest.raises(ValueError, match=r"budget_bytes=4,095 is smaller than one page \(4,096 bytes\)"):
         PagedOptimizer(torch.optim.AdamW(make_model().parameters()), budget_bytes=PAGE - 1, page_bytes=PAGE)

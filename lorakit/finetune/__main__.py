@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     rate = f" ({m['seconds_per_step']:.2f} s/step)" if m["seconds_per_step"] else ""
     print(f"{m['steps']} steps, {m['steps_this_process']} of them in this process in {m['seconds']:.1f} s{rate}; "
           f"peak RSS {m['peak_rss_mb']:.0f} MB")
-    print(f"trainable {m['trainable_params']:,} of {m['total_params']:,} parameters ({100 * m['trainable_params'] / "
-          f"m['total_params']:.2f}%); the base model has {m['base_params'] / 1e6:.1f} M")
+    share = 100 * m["trainable_params"] / m["total_params"]
+    print(f"trainable {m['trainable_params']:,} of {m['total_params']:,} parameters ({share:.2f}%); "
+          f"the base model has {m['base_params'] / 1e6:.1f} M")
     if m["interrupted"]:
         print("interrupted: no evaluation after training; run the same command again to resume from the last checkpoint")
     if m["diverged"]:
