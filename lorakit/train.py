@@ -144,15 +144,9 @@ def _checkpointing(model: torch.nn.Module, on: bool) -> None:
 
 
 def check_optimizer(name: str) -> None:
-    """Refuse an optimizer name lorakit does not offer, or cannot build yet."""
+    """Refuse an optimizer name lorakit does not offer, listing those it does."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer={name!r} is not valid; choose one of {OPTIMIZERS}")
-    if name == "paged_adamw8bit":
-        # PagedOptimizer cuts a parameter's state into page-sized segments and updates each alone, which is
-        # exact only for elementwise state; AdamW8bit's codes share one absmax per block of 256 elements, and
-        # small tensors keep fp32 moments, so its segments would quantize differently from the whole.
-        raise ValueError("optimizer='paged_adamw8bit' is not offered yet: lorakit's pager pages elementwise state, "
-                         "and 8-bit state is blockwise; use 'paged_adamw' (paged fp32 moments) or 'adamw8bit'")
 
 
 def make_optimizer(name: str, params, lr: float = DEFAULT_LR, weight_decay: float = 0.0,

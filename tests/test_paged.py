@@ -249,3 +249,39 @@ def test_state_dict_is_the_wrapped_optimizers_and_loads_back(tmp_path):
         opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)]})
     opt.close()
     opt_resumed.close()
+
+
+@pytest.mark.parametrize("budget_pages", [1, 3])
+def test_adamw8bit_paged_is_bit_identical_and_checkpoints_in_its_own_format(tmp_path, budget_pages):
+    """Paged 8-bit AdamW (bitsandbytes' PagedAdamW8bit): segments hold whole blocks of 256, and a segment of
+    a large parameter keeps 8-bit codes even when it is smaller than min_8bit_size, as the whole would."""
+    from lorakit.adam8bit import AdamW8bit
+
+    ref, paged = make_model(), make_model()
+    opt_ref = AdamW8bit(ref.parameters(), lr=3e-2, weight_decay=0.1)
+    opt = PagedOptimizer(AdamW8bit(paged.parameters(), lr=3e-2, weight_decay=0.1),
+                         budget_bytes=budget_pages * PAGE, page_bytes=PAGE, page_dir=str(tmp_path))
+    segments = {id(p): [s for s in opt._segments if s.param is p] for p in paged.parameters()}
+    big = next(p for p in paged.parameters() if p.numel() >= opt_ref.min_8bit_size)
+    assert len(segments[id(big)]) > 1 and all(s.start % 256 == 0 for s in segments[id(big)])
+    train(ref, opt_ref, 3)
+    train(paged, opt, 3)
+    for a, b in zip(ref.parameters(), paged.parameters()):
+        assert torch.equal(a, b)
+    saved, expected = opt.state_dict(), opt_ref.state_dict()
+    assert saved["state"][0]["m"].dtype == torch.uint8  # the 9,600-element weight: 8-bit codes
+    for i, state in expected["state"].items():
+        assert saved["state"][i].keys() == state.keys()
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(saved["state"][i][name]), torch.as_tensor(value)), (i, name)
+    resumed = make_model()
+    resumed.load_state_dict(ref.state_dict())
+    opt_resumed = PagedOptimizer(AdamW8bit(resumed.parameters(), lr=3e-2, weight_decay=0.1),
+                                 budget_bytes=budget_pages * PAGE, page_bytes=PAGE, page_dir=str(tmp_path))
+    opt_resumed.load_state_dict(expected)
+    train(ref, opt_ref, 2, seed=5)
+    train(resumed, opt_resumed, 2, seed=5)
+    for a, b in zip(ref.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    opt.close()
+    opt_resumed.close()

@@ -63,7 +63,7 @@ def test_gradient_accumulation_matches_one_big_batch():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("optimizer", [name for name in OPTIMIZERS if name != "paged_adamw8bit"])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_a_killed_run_resumes_to_the_same_losses(tmp_path, optimizer):
     killed = tmp_path / "killed"
     # the same run, never stopped
@@ -120,8 +120,6 @@ def test_settings_it_would_ignore_are_refused():
         train(model, tiny_blocks(), config=TrainConfig(weight_decay=0.1, optimizer="adamw8bit"), optimizer=sgd)
     with pytest.raises(ValueError, match="optimizer='adam' is not valid"):
         train(model, tiny_blocks(), optimizer="adam")
-    with pytest.raises(ValueError, match="'paged_adamw8bit' is not offered yet.*8-bit state is blockwise"):
-        train(model, tiny_blocks(), optimizer="paged_adamw8bit")
 
 
 def test_a_diverging_run_stops_before_the_bad_update_and_keeps_the_last_checkpoint(tmp_path):
