@@ -23,7 +23,7 @@ def main(argv: list[str]) -> int:
         parser = argparse.ArgumentParser(
             prog=PROG, usage=f"{PROG} [status | fetch [--force] [NAME]] [--debug]",
             description="Where lorakit's asset cache is and what is in it; fetch fills it.",
-            epilog="lorakit's command lines:\n" + "\n".join(f"  {command:<45} {what}" for command, what in COMMANDS.items()),
+            epilog="lorakit's command lines:\n" + "\n".join(f"  {cmd:<45} {what}" for cmd, what in COMMANDS.items()),
             formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.print_help()
         return 0

@@ -159,7 +159,8 @@ class PagedOptimizer(torch.optim.Optimizer):
         per_row = self.page_bytes // (max(1, len(names)) * itemsize) // align * align
         if per_row == 0:
             raise ValueError(f"page_bytes={self.page_bytes:,} is too small for one block of {align} elements of "
-                             f"{type(opt).__name__}'s state; use pages of at least {align * len(names) * itemsize} bytes")
+                             f"{type(opt).__name__}'s state; use pages of at least "
+                             f"{align * len(names) * itemsize} bytes")
         return _Layout(names, dtype, per_row, align)
 
     def _lay_out_pages(self):
@@ -337,7 +338,8 @@ class PagedOptimizer(torch.optim.Optimizer):
         index = {id(p): i for i, p in enumerate(self._indexed_params())}
         groups = []
         for g in self.param_groups:
-            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": [index[id(p)] for p in g["params"]]})
+            hyper = {k: v for k, v in g.items() if k != "params"}
+            groups.append({**hyper, "params": [index[id(p)] for p in g["params"]]})
         state = {}
         for p in self._indexed_params():
             full = self.state_of(p)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -110,7 +110,8 @@ def check_inputs(model: torch.nn.Module, blocks: torch.Tensor, config: TrainConf
     if isinstance(optimizer, str) and config.optimizer not in (None, optimizer):
         raise ValueError(f"optimizer={optimizer!r} and TrainConfig.optimizer={config.optimizer!r} disagree; set one")
     if optimizer is not None and not isinstance(optimizer, str):
-        ignored = [f"{n}={getattr(config, n)!r}" for n in ("lr", "weight_decay", "optimizer") if getattr(config, n) is not None]
+        ignored = [f"{n}={getattr(config, n)!r}" for n in ("lr", "weight_decay", "optimizer")
+                   if getattr(config, n) is not None]
         if ignored:
             raise ValueError(f"TrainConfig {', '.join(ignored)} would be ignored: the optimizer passed to train() "
                              "has its own; leave them None, or pass no optimizer")

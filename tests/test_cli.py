@@ -40,7 +40,10 @@ def test_debug_shows_the_traceback(tmp_path):
     assert done.returncode == 1 and "Traceback" in done.stderr and "ValueError: device='tpu'" in done.stderr
 
 
-@pytest.mark.parametrize("command", [["lorakit.finetune", "--out", "{tmp}/run"], ["lorakit.lab", "--steps", "1", "--no-progress"]])
+@pytest.mark.parametrize("command", [
+    ["lorakit.finetune", "--out", "{tmp}/run"],
+    ["lorakit.lab", "--steps", "1", "--no-progress"],
+])
 def test_a_missing_asset_is_one_line_that_says_how_to_fetch_it(tmp_path, command):
     done = run(*[c.format(tmp=tmp_path) for c in command], LORAKIT_CACHE=str(tmp_path / "empty"))
     one_line_error(done, f"python -m {command[0]}", "Fetch it with: python -m lorakit.assets fetch")

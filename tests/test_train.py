@@ -104,9 +104,11 @@ def test_keyboard_interrupt_keeps_the_last_step_and_resumes(tmp_path):
 def test_a_checkpoint_of_other_settings_is_refused_naming_them(tmp_path):
     train(tiny_llama(), tiny_blocks(), tiny_blocks(8), dataclasses.replace(CONFIG, steps=2), checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match=r"other settings \(steps 2 -> 10, lr 0.003 -> 0.01\)"):
-        train(tiny_llama(), tiny_blocks(), tiny_blocks(8), dataclasses.replace(CONFIG, lr=1e-2), checkpoint_dir=tmp_path)
+        train(tiny_llama(), tiny_blocks(), tiny_blocks(8), dataclasses.replace(CONFIG, lr=1e-2),
+              checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match=r"data \[24, 16\] -> \[20, 16\]"):
-        train(tiny_llama(), tiny_blocks(20), tiny_blocks(8), dataclasses.replace(CONFIG, steps=2), checkpoint_dir=tmp_path)
+        train(tiny_llama(), tiny_blocks(20), tiny_blocks(8), dataclasses.replace(CONFIG, steps=2),
+              checkpoint_dir=tmp_path)
 
 
 def test_settings_it_would_ignore_are_refused():

@@ -13,7 +13,15 @@ Command line (prints held-out perplexity before and after, writes the adapter an
     python -m lorakit.finetune --method qlora --rank 8 --bits 4 --steps 60 --out runs/qlora
 """
 
-from lorakit.finetune.config import ALL_LINEAR, BACKENDS, FinetuneConfig, check_output, model_config, settings_of, validate
+from lorakit.finetune.config import (
+    ALL_LINEAR,
+    BACKENDS,
+    FinetuneConfig,
+    check_output,
+    model_config,
+    settings_of,
+    validate,
+)
 from lorakit.finetune.fit import WontFit, available_memory, check_memory
 from lorakit.finetune.output import METRICS_FILE, RUN_FILE, RunComplete, prepare_output
 from lorakit.finetune.pipeline import FinetuneResult, build_model, finetune, load_data, parameter_count

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     if m["ppl_before"] is not None:
         print(f"held-out perplexity before: {m['ppl_before']:.2f}")
     if m["ppl_after"] is not None:
-        print(f"held-out perplexity after:  {m['ppl_after']:.2f}  ({100 * (m['ppl_after'] / m['ppl_before'] - 1):+.1f}%)")
+        change = 100 * (m["ppl_after"] / m["ppl_before"] - 1)
+        print(f"held-out perplexity after:  {m['ppl_after']:.2f}  ({change:+.1f}%)")
     rate = f" ({m['seconds_per_step']:.2f} s/step)" if m["seconds_per_step"] else ""
     print(f"{m['steps']} steps, {m['steps_this_process']} of them in this process in {m['seconds']:.1f} s{rate}; "
           f"peak RSS {m['peak_rss_mb']:.0f} MB")
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trainable {m['trainable_params']:,} of {m['total_params']:,} parameters ({share:.2f}%); "
           f"the base model has {m['base_params'] / 1e6:.1f} M")
     if m["interrupted"]:
-        print("interrupted: no evaluation after training; run the same command again to resume from the last checkpoint")
+        print("interrupted: no evaluation after training; "
+              "run the same command again to resume from the last checkpoint")
     if m["diverged"]:
         d = m["diverged"]
         kept = (f"the checkpoint of step {d['last_good_step']} stays in {a.out}/checkpoint" if d["last_good_step"]

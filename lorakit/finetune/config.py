@@ -95,7 +95,8 @@ def check_settings(config: FinetuneConfig) -> None:
     check_optimizer(config.optimizer)
     if config.method != "full":
         if isinstance(config.rank, bool) or not isinstance(config.rank, int) or not 1 <= config.rank <= MAX_RANK:
-            raise ValueError(f"rank={config.rank!r} is not valid; use an integer from 1 to {MAX_RANK} (1-64 is typical)")
+            raise ValueError(f"rank={config.rank!r} is not valid; "
+                             f"use an integer from 1 to {MAX_RANK} (1-64 is typical)")
         if not (isinstance(config.alpha, (int, float)) and math.isfinite(config.alpha) and config.alpha > 0):
             raise ValueError(f"alpha={config.alpha!r} is not valid; use a positive number (often 2 * rank)")
         targets = list(config.targets)
