@@ -13,9 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args: str, **env: str) -> subprocess.CompletedProcess:
+def run(*args: str, preexec_fn=None, **env: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=environment, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=environment, cwd=ROOT,
+                          preexec_fn=preexec_fn)
 
 
 def one_line_error(done: subprocess.CompletedProcess, prog: str, text: str) -> None:
@@ -56,6 +57,22 @@ def test_a_run_that_will_not_fit_is_refused_with_the_breakdown(tmp_path):
     assert "only 0.10 GB are free ($LORAKIT_FREE_MEMORY)" in done.stderr
     assert "a setting that fits" in done.stderr or "no smaller setting tried fits" in done.stderr
     assert "activations" in done.stderr and "total" in done.stderr  # the breakdown, line by line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_an_address_space_limit_counts_as_the_memory_available(tmp_path):
+    """newcomer.md B1: under a 12 GB address-space cap (prlimit --as), a long sequence ran out of memory after
+    minutes. SmolLM2's longest allowed sequence is now refused at once, with the cap named and a fix."""
+    import resource
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (12 * 10**9, resource.RLIM_INFINITY))
+
+    done = run("lorakit.finetune", "--seq-len", "8192", "--batch-size", "1", "--eval-blocks", "1",
+               "--out", str(tmp_path / "run"), preexec_fn=cap)
+    assert done.returncode == 2 and "the address-space limit (ulimit -v)" in done.stderr, done.stderr
+    assert "a setting that fits: --gradient-checkpointing" in done.stderr
     assert not (tmp_path / "run").exists()
 
 

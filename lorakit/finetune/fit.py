@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,8 @@ class WontFit(ValueError):
 def available_memory(device: torch.device) -> tuple[int | None, str]:
     """``(bytes free for this run, where the figure comes from)``; ``None`` when it cannot be known.
 
+    On the CPU: the available RAM, or less where this process is capped: a container's memory limit
+    (cgroup v2 ``memory.max``) or an address-space limit (``ulimit -v``, ``prlimit --as``).
     ``$LORAKIT_FREE_MEMORY`` (bytes) stands in for the figure: the check as a smaller machine would do it.
     """
     if os.environ.get("LORAKIT_FREE_MEMORY"):
@@ -37,6 +40,11 @@ def available_memory(device: torch.device) -> tuple[int | None, str]:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return free, f"free memory of {device}"
+    figures = [f for f in (_ram_available(), _cgroup_headroom(), _address_space_headroom()) if f[0] is not None]
+    return min(figures, key=lambda f: f[0]) if figures else (None, "unknown on this system")
+
+
+def _ram_available() -> tuple[int | None, str]:
     try:
         import psutil
 
@@ -50,7 +58,31 @@ def available_memory(device: torch.device) -> tuple[int | None, str]:
                     return int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
     except OSError:
         pass
-    return None, "unknown on this system"
+    return None, ""
+
+
+def _cgroup_headroom() -> tuple[int | None, str]:
+    """A container's memory limit less what it uses now (cgroup v2); None without a limit."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return None, ""
+    return (None, "") if limit == "max" else (int(limit) - used, "the container's memory limit (cgroup memory.max)")
+
+
+def _address_space_headroom() -> tuple[int | None, str]:
+    """An address-space limit (``ulimit -v``) less this process's virtual size now; None without a limit."""
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+        pages = int(Path("/proc/self/statm").read_text().split()[0])
+    except (ImportError, OSError, ValueError):
+        return None, ""
+    if soft == resource.RLIM_INFINITY:
+        return None, ""
+    return soft - pages * os.sysconf("SC_PAGE_SIZE"), "the address-space limit (ulimit -v) less this process's size"
 
 
 def estimate(config: FinetuneConfig, model_cfg, dtype: torch.dtype) -> tuple[MemoryEstimate, int]:
