@@ -5,6 +5,11 @@ It trains whatever parameters of ``model`` require grad (all of them for full fi
 seed and the step alone (see ``batch_for``), so a resumed run sees exactly the batches an
 uninterrupted run would, and with the optimizer, scheduler and RNG states restored from the
 checkpoint it ends at the same loss.
+
+It refuses settings it would ignore, and a checkpoint written with other settings. A loss or gradient
+that is not finite stops it before the bad update is taken; an update that overflowed the weights
+stops it too, and the last checkpoint's weights are put back. ``TrainResult.diverged`` says when and
+the likely cause, and no checkpoint is ever written with non-finite weights.
 """
 
 from __future__ import annotations
@@ -263,8 +268,8 @@ def train(
     trajectory = _trajectory(config, train_blocks) if not ready else None
     if not ready:
         name = optimizer or config.optimizer or "adamw"
-        trajectory["optimizer"] = name
         lr = DEFAULT_LR if config.lr is None else config.lr
+        trajectory.update(optimizer=name, lr=lr, weight_decay=config.weight_decay or 0.0)  # as resolved
         optimizer = make_optimizer(name, trainable, lr=lr, weight_decay=config.weight_decay or 0.0,
                                    page_budget_bytes=config.page_budget_bytes)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -292,7 +297,7 @@ def train(
     def stop(step: int, reason: str) -> None:
         """Divergence: record it; if the bad update was taken, put back the last checkpoint's weights.
 
-        Without a checkpoint the weights stay as the bad update left them (``result.diverged`` says so).
+        Without a checkpoint they stay as the bad update left them (finetune then saves no adapter).
         """
         last = saved[-1] if saved else None
         result.diverged = {"step": step, "reason": reason, "last_good_step": last}
