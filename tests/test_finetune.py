@@ -37,6 +37,15 @@ TINY = dict(steps=2, seq_len=32, batch_size=2, train_blocks=8, eval_blocks=2, wa
     [
         ({"method": "prefix"}, "method='prefix' is not valid; choose one of 'full', 'lora', 'qlora'"),
         ({"rank": 0}, "rank=0 is not valid"),
+        ({"rank": -3}, "rank=-3 is not valid"),
+        ({"rank": 100000}, "rank=100000 is not valid; use an integer from 1 to 512"),
+        ({"bits": 1}, "bits=1 is not valid"),
+        ({"alpha": 0.0}, "alpha=0.0 is not valid"),
+        ({"batch_size": 0}, "batch_size=0 is not valid"),
+        ({"grad_accum": 0}, "grad_accum=0 is not valid"),
+        ({"eval_blocks": 0}, "eval_blocks=0 is not valid"),
+        ({"blocksize": 0}, "blocksize=0 is not a power of two"),
+        ({"backend": "hf", "bits": 3}, "offers NF4 and FP4 only, not nf3"),
         ({"alpha": -1.0}, "alpha=-1.0 is not valid"),
         ({"bits": 5}, "bits=5 is not valid; choose one of 2, 3, 4, 8"),
         ({"kind": "nf5"}, "kind='nf5' is not valid; choose one of 'nf', 'int', 'fp'"),
@@ -250,6 +259,22 @@ def test_a_diverging_finetune_keeps_its_last_checkpoint_and_saves_no_adapter(tmp
         assert (tmp_path / "checkpoint" / "checkpoint.pt").exists()
     assert run_main(main, args) == 0  # the same command again: it reports, it does not train
     assert "diverged at step" in capsys.readouterr().out
+
+
+@pytest.mark.model
+def test_an_interrupted_finetune_reports_no_after_figure_and_resumes(tmp_path):
+    def stop(result):
+        if result.step == 1:
+            raise KeyboardInterrupt
+
+    settings = dict(TINY, steps=4, method="lora")
+    partial = finetune(out=tmp_path, on_step=stop, **settings)
+    assert partial.metrics["interrupted"] and partial.metrics["ppl_after"] is None  # no evaluation ran
+    assert partial.metrics["ppl_before"] is not None and not (tmp_path / METRICS_FILE).exists()
+    resumed = finetune(out=tmp_path, **settings)
+    m = resumed.metrics
+    assert (m["steps"], m["steps_this_process"]) == (4, 3) and m["ppl_after"] is not None
+    assert m["seconds_per_step"] == pytest.approx(m["seconds"] / 3, rel=1e-2)
 
 
 @pytest.mark.model
