@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,12 +69,15 @@ def test_a_killed_run_resumes_to_the_same_losses(tmp_path, optimizer):
     killed = tmp_path / "killed"
     # the same run, never stopped
     whole = train(tiny_llama(), tiny_blocks(), tiny_blocks(8), dataclasses.replace(UNSTOPPED, optimizer=optimizer))
-    crashed = subprocess.run([sys.executable, str(SCRIPT), str(killed), "--kill-at", "5", "--optimizer", optimizer])
+    # a killed process cannot remove its page file (paged optimizers): keep it in pytest's folder, not in /tmp
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    crashed = subprocess.run([sys.executable, str(SCRIPT), str(killed), "--kill-at", "5", "--optimizer", optimizer],
+                             env=env)
     assert crashed.returncode == -9  # SIGKILL: no cleanup ran
     state = torch.load(killed / CHECKPOINT, weights_only=False)
     assert state["step"] == 4  # the last checkpoint before the kill (every 2 steps)
     assert not list(killed.glob(".*.tmp"))
-    subprocess.run([sys.executable, str(SCRIPT), str(killed), "--optimizer", optimizer], check=True)
+    subprocess.run([sys.executable, str(SCRIPT), str(killed), "--optimizer", optimizer], check=True, env=env)
     resumed = json.loads((killed / "losses.json").read_text())
     assert resumed["resumed_at"] == 4
     assert len(resumed["losses"]) == CONFIG.steps
