@@ -304,3 +304,19 @@ def test_tiny_qlora_run_writes_adapter_and_metrics(tmp_path):
         torch.testing.assert_close(fresh(x).logits, model(x).logits, rtol=0, atol=1e-5)
     with pytest.raises(RunComplete):  # the same run again: complete, not trained again
         finetune(method="qlora", out=tmp_path, **TINY)
+
+
+def test_free_memory_on_a_gpu_is_what_cuda_reports_free(monkeypatch):
+    monkeypatch.delenv("LORAKIT_FREE_MEMORY", raising=False)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (5 * 10**9, 8 * 10**9))
+    assert fit.available_memory(torch.device("cuda:0")) == (5 * 10**9, "free memory of cuda:0")
+
+
+def test_pick_device_refuses_a_device_that_is_not_here(monkeypatch):
+    from lorakit.runtime import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("LORAKIT_DEVICE", "cuda")
+    with pytest.raises(ValueError, match="device='cuda' is not available on this machine"):
+        pick_device()
+    assert pick_device("cpu") == torch.device("cpu")
