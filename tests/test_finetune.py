@@ -150,6 +150,7 @@ def test_output_folder_rules(tmp_path):
     {"thesis.txt": "mine", "sub/data.csv": "1,2"},  # next to a run
     {"checkpoint/notes.md": "mine"},  # inside the run's own folders
     {"adapter/my_adapter.bin": "mine"},
+    {"run.json": "not json"},  # no readable run.json: nothing here is known to be lorakit's
 ])
 def test_overwrite_never_deletes_a_learners_files(tmp_path, planted):
     settings = settings_of(FinetuneConfig(method="lora", steps=3))
@@ -157,10 +158,17 @@ def test_overwrite_never_deletes_a_learners_files(tmp_path, planted):
     _plant(run, {"checkpoint/checkpoint.pt": "step 1", "metrics.json": "{}", **planted})
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     other = settings_of(FinetuneConfig(method="lora", steps=4))
-    for overwrite in (False, True):
+    for overwrite in (False, True):  # the planted files are refused before the run's own are considered
         with pytest.raises(FileExistsError, match="not a lorakit run's .*never deletes them, with or without"):
             prepare_output(run, other, overwrite=overwrite)
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_an_adapter_folder_without_run_json_is_not_a_run_to_replace(tmp_path):
+    _plant(tmp_path, {"adapter/adapter_config.json": "{}", "adapter/adapter_model.safetensors": "weights"})
+    with pytest.raises(FileExistsError, match="not a lorakit run's \\(adapter\\)"):
+        prepare_output(tmp_path, settings_of(FinetuneConfig()), overwrite=True)
+    assert (tmp_path / "adapter/adapter_model.safetensors").read_text() == "weights"
 
 
 def test_a_finished_run_says_it_is_complete_instead_of_training_again(tmp_path):

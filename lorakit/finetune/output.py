@@ -112,26 +112,27 @@ def prepare_output(out: str | os.PathLike, settings: dict, overwrite: bool = Fal
     * the same run (same ``run.json``) unfinished: kept, so training resumes from its checkpoint;
     * the same run finished (``metrics.json`` present): :class:`RunComplete`, unless ``overwrite``;
     * another lorakit run: refused unless ``overwrite``, which deletes that run's files only. A run
-      that never finished a checkpoint (a refused start) has nothing to lose and is replaced;
-    * anything else (a file lorakit did not write): refused, even with ``overwrite``.
+      that wrote nothing but its run.json (a start refused later) has nothing to lose and is replaced;
+    * anything else (a file lorakit did not write, or a folder without run.json): refused, even with
+      ``overwrite``.
     """
     folder = Path(out).expanduser()
     if folder.is_dir() and any(folder.iterdir()):
-        foreign = foreign_files(folder)
+        previous = read_json(folder / RUN_FILE)
+        # without its run.json nothing in the folder is known to be lorakit's: all of it is someone else's
+        foreign = foreign_files(folder) if previous is not None else sorted(p.name for p in folder.iterdir())
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise FileExistsError(
                 f"output folder {str(out)!r} holds files that are not a lorakit run's ({shown}); lorakit "
                 "never deletes them, with or without --overwrite. Choose a new or empty folder for --out")
-        previous = read_json(folder / RUN_FILE)
         metrics = read_json(folder / METRICS_FILE)
-        started = metrics is not None or (folder / CHECKPOINT_DIR / "checkpoint.pt").exists()
+        results = [p for p in folder.rglob("*") if p.is_file() and p.name != RUN_FILE and not p.name.endswith(".tmp")]
         if previous == settings and metrics is not None and not overwrite:
             raise RunComplete(folder, metrics)
-        if previous != settings and started and not overwrite:
-            what = (f"a different run ({differences(previous, settings)})" if previous is not None
-                    else "a lorakit run without its run.json")
-            raise FileExistsError(f"output folder {str(out)!r} holds {what}; choose another --out, or pass "
+        if previous != settings and results and not overwrite:
+            raise FileExistsError(f"output folder {str(out)!r} holds a different run "
+                                  f"({differences(previous, settings)}); choose another --out, or pass "
                                   "--overwrite (overwrite=True) to replace that run")
         if previous != settings or metrics is not None:
             remove_run(folder)
