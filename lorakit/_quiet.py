@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 BNB_KERNELS_MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +92,7 @@ class Perplexity:
     n_blocks: int
     seq_len: int
     heldout: str  # which text: "shakespeare held-out", or "given blocks"
-    block_losses: tuple[float, ...]  # mean next-token loss of each block, in nats
+    block_losses: tuple[float, ...] = field(repr=False)  # mean next-token loss of each block, in nats
     blocks_digest: str  # fingerprint of the token ids: two results compare only on the same blocks
     resamples: int
     seed: int

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_models import char_tokenizer
+from tiny_models import tiny_llama
 
 from lorakit.data import load_documents, perplexity, split_documents, tokenize_blocks
 from lorakit.evaluation import (
@@ -30,8 +32,6 @@ from lorakit.evaluation import (
     mean_line_words,
     words,
 )
-from test_models import char_tokenizer
-from tiny_models import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 

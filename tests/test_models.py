@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 
 from lorakit import _quiet
 from lorakit.models import chat_prompt, generate
-from tiny_models import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT_TEMPLATE = (
@@ -28,7 +28,14 @@ def char_tokenizer(chat_template: str | None = None):
     """A lower-case character tokenizer for the tiny Llama (37 of its 64 ids): EOS is id 0.
 
     The tiny Llama's own config says EOS is id 2 ("b"), so a test can tell the two apart."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     chars = string.ascii_lowercase + " .,;:!?'\n<>"
@@ -161,7 +168,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").warning("a genuine bitsandbyt
 
 
 def stderr_of(script: str) -> str:
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=False,
                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
     assert done.returncode == 0, done.stderr
     return done.stderr
