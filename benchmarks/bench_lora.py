@@ -42,7 +42,9 @@ def main() -> None:
     torch.manual_seed(0)
     base, tokenizer = load_base_model()
     ours = add_lora(copy.deepcopy(base), TARGETS, r=args.rank, alpha=2 * args.rank).train()
-    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS)).train()
+    theirs = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS)
+    ).train()
     peft_layers = dict(theirs.base_model.model.named_modules())
     with torch.no_grad():  # the same A and B in both
         for name, layer in lora_layers(ours).items():
@@ -65,11 +67,15 @@ def main() -> None:
             step(model, batch)
             times[name].append(time.perf_counter() - start)
     med = {name: statistics.median(t) for name, t in times.items()}
-    print(f"SmolLM2-135M, LoRA r={args.rank} on {', '.join(TARGETS)}; batch {tuple(ids.shape)}; "
-          f"{torch.get_num_threads()} threads; logits max abs diff {diff:.1e}")
+    print(
+        f"SmolLM2-135M, LoRA r={args.rank} on {', '.join(TARGETS)}; batch {tuple(ids.shape)}; "
+        f"{torch.get_num_threads()} threads; logits max abs diff {diff:.1e}"
+    )
     for name, t in med.items():
-        print(f"{name:8s} forward+backward: median {1000 * t:8.1f} ms over {args.repeats} runs "
-              f"(min {1000 * min(times[name]):.1f}, max {1000 * max(times[name]):.1f})")
+        print(
+            f"{name:8s} forward+backward: median {1000 * t:8.1f} ms over {args.repeats} runs "
+            f"(min {1000 * min(times[name]):.1f}, max {1000 * max(times[name]):.1f})"
+        )
     print(f"ratio lorakit / peft: {med['lorakit'] / med['peft']:.3f}  (target <= 1.05)")
     # On a busy machine the fastest run of each is the least disturbed one; shown beside the median.
     print(f"ratio of the fastest runs: {min(times['lorakit']) / min(times['peft']):.3f}")

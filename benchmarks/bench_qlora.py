@@ -46,8 +46,10 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print where lorakit's step spends its time")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size} x {args.seq_len}, "
-          f"median of {args.repeats} interleaved steps after one warm-up each")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size} x {args.seq_len}, "
+        f"median of {args.repeats} interleaved steps after one warm-up each"
+    )
     print(f"{'dtype':>9} {'lorakit s':>10} {'peft+bnb s':>11} {'ratio':>6}")
     for name in args.dtype:
         dtype = getattr(torch, name)

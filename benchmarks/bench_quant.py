@@ -29,8 +29,10 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     import bitsandbytes.functional as bnb
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size}x{args.size}, "
-          f"median of {args.repeats}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size}x{args.size}, "
+        f"median of {args.repeats}"
+    )
     print(f"{'dtype':>9} {'op':>10} {'lorakit s':>10} {'bnb s':>8} {'ratio':>6}")
     for dtype in (torch.float32, torch.bfloat16):
         w = torch.randn(args.size, args.size, generator=torch.Generator().manual_seed(0)).to(dtype)
@@ -38,17 +40,25 @@ def main() -> None:
         ref_packed, ref_state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4")
         assert torch.equal(packed, ref_packed), "the benchmark compares equal work only"
         rows = [
-            ("quantize", lambda: lorakit.quantize_4bit(w, "nf4", 64),
-             lambda: bnb.quantize_4bit(w, blocksize=64, quant_type="nf4")),
-            ("dequantize", lambda: lorakit.dequantize_4bit(packed, state),
-             lambda: bnb.dequantize_4bit(ref_packed, ref_state)),
+            (
+                "quantize",
+                lambda w=w: lorakit.quantize_4bit(w, "nf4", 64),
+                lambda w=w: bnb.quantize_4bit(w, blocksize=64, quant_type="nf4"),
+            ),
+            (
+                "dequantize",
+                lambda packed=packed, state=state: lorakit.dequantize_4bit(packed, state),
+                lambda packed=ref_packed, state=ref_state: bnb.dequantize_4bit(packed, state),
+            ),
         ]
         for op, ours, theirs in rows:
             t_ours, t_theirs = median_time(ours, args.repeats), median_time(theirs, args.repeats)
             line = f"{str(dtype).split('.')[-1]:>9} {op:>10} {t_ours:10.4f} {t_theirs:8.4f} {t_ours / t_theirs:6.2f}"
             if op == "dequantize":
-                floor = median_time(lambda: torch.empty(w.shape, dtype=dtype).fill_(1.0), args.repeats)
-                line += f"   floor {floor:.4f} s: lorakit {t_ours / floor:.1f}x it, bitsandbytes {t_theirs / floor:.1f}x"
+                floor = median_time(lambda w=w, dtype=dtype: torch.empty(w.shape, dtype=dtype).fill_(1.0), args.repeats)
+                line += (
+                    f"   floor {floor:.4f} s: lorakit {t_ours / floor:.1f}x it, bitsandbytes {t_theirs / floor:.1f}x"
+                )
             print(line)
 
 

@@ -21,10 +21,12 @@ COMMANDS = {
 def main(argv: list[str]) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         parser = argparse.ArgumentParser(
-            prog=PROG, usage=f"{PROG} [status | fetch [--force] [NAME]] [--debug]",
+            prog=PROG,
+            usage=f"{PROG} [status | fetch [--force] [NAME]] [--debug]",
             description="Where lorakit's asset cache is and what is in it; fetch fills it.",
             epilog="lorakit's command lines:\n" + "\n".join(f"  {cmd:<45} {what}" for cmd, what in COMMANDS.items()),
-            formatter_class=argparse.RawDescriptionHelpFormatter)
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         parser.print_help()
         return 0
     from lorakit.assets import main as assets_main

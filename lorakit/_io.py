@@ -14,8 +14,8 @@ import json
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 _umask_lock = threading.Lock()
 

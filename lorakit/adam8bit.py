@@ -46,8 +46,9 @@ def _quantize_state(
     return nearest_code(scaled, code).view_as(x), absmax
 
 
-def _dequantize_state(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                      blocksize: int = BLOCKSIZE) -> torch.Tensor:
+def _dequantize_state(
+    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = BLOCKSIZE
+) -> torch.Tensor:
     """Codes back to float32: ``code[q] * absmax`` of each element's block (shaped like ``q``)."""
     values = code[q.reshape(-1).long()]  # (n,)
     scale = absmax.repeat_interleave(blocksize)[: values.numel()]  # (n,)
@@ -61,8 +62,16 @@ class AdamW8bit(torch.optim.Optimizer):
     (``min_8bit_size=math.inf``: every moment in fp32, plain AdamW).
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, min_8bit_size: int = MIN_8BIT_SIZE, blocksize: int = BLOCKSIZE):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        min_8bit_size: int = MIN_8BIT_SIZE,
+        blocksize: int = BLOCKSIZE,
+    ):
         if not lr >= 0:
             raise ValueError(f"AdamW8bit: lr must be >= 0, got {lr}")
         if not all(0 <= b < 1 for b in betas):
@@ -75,11 +84,19 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def _init_state(self, p: torch.Tensor) -> dict:
         if p.numel() < self.min_8bit_size:
-            return {"step": 0, "m": torch.zeros_like(p, dtype=torch.float32), "v": torch.zeros_like(p, dtype=torch.float32)}
+            return {
+                "step": 0,
+                "m": torch.zeros_like(p, dtype=torch.float32),
+                "v": torch.zeros_like(p, dtype=torch.float32),
+            }
         blocks = math.ceil(p.numel() / self.blocksize)
-        return {"step": 0,
-                "m": torch.zeros_like(p, dtype=torch.uint8), "absmax_m": torch.zeros(blocks, device=p.device),
-                "v": torch.zeros_like(p, dtype=torch.uint8), "absmax_v": torch.zeros(blocks, device=p.device)}
+        return {
+            "step": 0,
+            "m": torch.zeros_like(p, dtype=torch.uint8),
+            "absmax_m": torch.zeros(blocks, device=p.device),
+            "v": torch.zeros_like(p, dtype=torch.uint8),
+            "absmax_v": torch.zeros(blocks, device=p.device),
+        }
 
     @torch.no_grad()
     def step(self, closure=None):

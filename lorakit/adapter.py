@@ -47,8 +47,10 @@ def adapter_config(model: nn.Module) -> dict:
     first = next(iter(layers.values()))
     for name, layer in layers.items():
         if (layer.r, layer.alpha, layer.rslora) != (first.r, first.alpha, first.rslora):
-            raise ValueError(f"LoRA layer {name!r} has r={layer.r}, alpha={layer.alpha}, rslora={layer.rslora}, "
-                             f"unlike the others (r={first.r}, alpha={first.alpha}); one adapter holds one setting")
+            raise ValueError(
+                f"LoRA layer {name!r} has r={layer.r}, alpha={layer.alpha}, rslora={layer.rslora}, "
+                f"unlike the others (r={first.r}, alpha={first.alpha}); one adapter holds one setting"
+            )
     # Targets: the short names (q_proj, ...) when they pick exactly the wrapped layers, else full names.
     short = sorted({n.rsplit(".", 1)[-1] for n in layers})
     picked = {n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in short and not n.endswith("base_layer")}
@@ -111,10 +113,14 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     try:
         config = json.loads((folder / CONFIG_NAME).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{CONFIG_NAME} in {str(folder)!r} is corrupt (not valid JSON: {e}); save the adapter again") from e
+        raise ValueError(
+            f"{CONFIG_NAME} in {str(folder)!r} is corrupt (not valid JSON: {e}); save the adapter again"
+        ) from e
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         found = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
-        raise ValueError(f"{CONFIG_NAME} in {str(folder)!r} has peft_type={found!r}; only 'LORA' adapters can be loaded")
+        raise ValueError(
+            f"{CONFIG_NAME} in {str(folder)!r} has peft_type={found!r}; only 'LORA' adapters can be loaded"
+        )
     try:
         tensors = load_file(folder / WEIGHTS_NAME)
     except Exception as e:  # safetensors raises its own SafetensorError for a damaged header or size
@@ -127,13 +133,17 @@ def _check_config(config: dict, folder: str) -> None:
     for key, default in UNSUPPORTED.items():
         value = config.get(key, default)
         if value != default and not (value in empty and default in empty):
-            raise ValueError(f"adapter {folder!r} sets {key}={config[key]!r}; lorakit implements plain LoRA only ({key}={default!r})")
+            raise ValueError(
+                f"adapter {folder!r} sets {key}={config[key]!r}; lorakit implements plain LoRA only ({key}={default!r})"
+            )
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in config:
             raise ValueError(f"{CONFIG_NAME} in {folder!r} lacks {key!r}; it is not a LoRA adapter config")
     if isinstance(config["target_modules"], str) and config["target_modules"].lower() != ALL_LINEAR:
-        raise ValueError(f"adapter {folder!r} gives target_modules as the regex {config['target_modules']!r}; "
-                         "lorakit reads a list of module name suffixes only")
+        raise ValueError(
+            f"adapter {folder!r} gives target_modules as the regex {config['target_modules']!r}; "
+            "lorakit reads a list of module name suffixes only"
+        )
 
 
 def _split_key(key: str, folder: str) -> tuple[str, str]:
@@ -141,7 +151,9 @@ def _split_key(key: str, folder: str) -> tuple[str, str]:
         suffix = f".{part}.weight"
         if key.startswith(PREFIX) and key.endswith(suffix):
             return key[len(PREFIX) : -len(suffix)], part
-    raise ValueError(f"adapter {folder!r} holds the tensor {key!r}; expected names like '{PREFIX}<module>.lora_A.weight'")
+    raise ValueError(
+        f"adapter {folder!r} holds the tensor {key!r}; expected names like '{PREFIX}<module>.lora_A.weight'"
+    )
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -157,15 +169,23 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     _check_config(config, folder)
     r, alpha = config["r"], config["lora_alpha"]
     if not lora_layers(model):
-        add_lora(model, config["target_modules"], r=r, alpha=alpha,
-                 dropout=config.get("lora_dropout", 0.0), rslora=config.get("use_rslora", False))
+        add_lora(
+            model,
+            config["target_modules"],
+            r=r,
+            alpha=alpha,
+            dropout=config.get("lora_dropout", 0.0),
+            rslora=config.get("use_rslora", False),
+        )
     layers = lora_layers(model)
     for name, layer in layers.items():
         if layer.merged:
             raise RuntimeError(f"load_adapter: LoRA layer {name!r} is merged; call unmerge_lora(model) before loading")
         if (layer.r, layer.alpha, layer.rslora) != (r, alpha, config.get("use_rslora", False)):
-            raise ValueError(f"adapter {folder!r} has r={r}, lora_alpha={alpha}, but the model's LoRA layer {name!r} "
-                             f"has r={layer.r}, alpha={layer.alpha}; load it into a model without LoRA layers")
+            raise ValueError(
+                f"adapter {folder!r} has r={r}, lora_alpha={alpha}, but the model's LoRA layer {name!r} "
+                f"has r={layer.r}, alpha={layer.alpha}; load it into a model without LoRA layers"
+            )
     found: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         name, part = _split_key(key, folder)
@@ -175,8 +195,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if extra or missing:
         raise ValueError(
             f"adapter {folder!r} does not fit {type(model).__name__}: "
-            + (f"it targets {len(extra)} modules the model has no LoRA layer for (e.g. {extra[0]!r}); " if extra else "")
-            + (f"it has no weights for {len(missing)} LoRA layers of the model (e.g. {missing[0]!r}); " if missing else "")
+            + (
+                f"it targets {len(extra)} modules the model has no LoRA layer for (e.g. {extra[0]!r}); "
+                if extra
+                else ""
+            )
+            + (
+                f"it has no weights for {len(missing)} LoRA layers of the model (e.g. {missing[0]!r}); "
+                if missing
+                else ""
+            )
             + f"the model's LoRA layers are e.g. {sorted(layers)[:3]}"
         )
     for name, layer in layers.items():  # in the model's module order

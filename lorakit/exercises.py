@@ -26,9 +26,14 @@ def check_lora_param_count(fn: Callable[[int, int, int], int]) -> str:
     for d_in, d_out, r in SHAPES:
         got, want = fn(d_in, d_out, r), lora_param_count(d_in, d_out, r)
         if got == d_in * d_out:
-            raise AssertionError(f"for d_in={d_in}, d_out={d_out}, r={r} you counted the full weight W0 (d_out * d_in); count A and B instead")
+            raise AssertionError(
+                f"for d_in={d_in}, d_out={d_out}, r={r} you counted the full weight W0 (d_out * d_in); "
+                "count A and B instead"
+            )
         if got != want:
-            raise AssertionError(f"for d_in={d_in}, d_out={d_out}, r={r} you returned {got!r}; hint: A is (r, d_in) and B is (d_out, r)")
+            raise AssertionError(
+                f"for d_in={d_in}, d_out={d_out}, r={r} you returned {got!r}; hint: A is (r, d_in) and B is (d_out, r)"
+            )
     return "correct: A and B together hold r * (d_in + d_out) parameters"
 
 
@@ -54,13 +59,17 @@ def check_lora_forward(fn: Callable[..., torch.Tensor]) -> str:
             got = fn(x, W0, A, B, alpha, r)
         if not isinstance(got, torch.Tensor) or got.shape != want.shape:
             shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-            raise AssertionError(f"for x: {tuple(x.shape)} expected h: {tuple(want.shape)}, got {shape}; hint: x @ W0.T is (N, d_out)")
+            raise AssertionError(
+                f"for x: {tuple(x.shape)} expected h: {tuple(want.shape)}, got {shape}; hint: x @ W0.T is (N, d_out)"
+            )
         if torch.allclose(got, x @ W0.T, atol=1e-4):
             raise AssertionError("your h equals the base output W0 x; add the LoRA path (alpha / r) * B A x")
         if torch.allclose(got, x @ W0.T + x @ A.T @ B.T, atol=1e-4):
             raise AssertionError("the LoRA path is missing its scaling; multiply B A x by alpha / r")
         if not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
-            raise AssertionError(f"h differs from LoRALinear's by up to {(got - want).abs().max():.3g}; hint: x @ A.T is (N, r)")
+            raise AssertionError(
+                f"h differs from LoRALinear's by up to {(got - want).abs().max():.3g}; hint: x @ A.T is (N, r)"
+            )
     return "correct: h = W0 x + (alpha / r) B A x, as LoRALinear computes it"
 
 
@@ -75,9 +84,13 @@ def check_merged_weight(fn: Callable[..., torch.Tensor]) -> str:
         want = layer.base_layer.weight.detach()  # (d_out, d_in)
         if not isinstance(got, torch.Tensor) or got.shape != want.shape:
             shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-            raise AssertionError(f"the merged weight must be (d_out, d_in) = {tuple(want.shape)}, got {shape}; hint: B @ A")
+            raise AssertionError(
+                f"the merged weight must be (d_out, d_in) = {tuple(want.shape)}, got {shape}; hint: B @ A"
+            )
         if not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
-            raise AssertionError(f"your merged weight differs from W0 + (alpha / r) B A by up to {(got - want).abs().max():.3g}")
+            raise AssertionError(
+                f"your merged weight differs from W0 + (alpha / r) B A by up to {(got - want).abs().max():.3g}"
+            )
     return "correct: one (d_out, d_in) matrix, so the merged layer costs exactly what the base layer costs"
 
 
@@ -94,15 +107,25 @@ def check_trainable_params(fn: Callable[[object, int], int], config) -> str:
         if got == want:
             continue
         square = lora_params(
-            type(shape)(shape.vocab_size, shape.hidden_size, shape.intermediate_size, shape.num_layers,
-                        shape.num_heads, shape.num_heads), r)
+            type(shape)(
+                shape.vocab_size,
+                shape.hidden_size,
+                shape.intermediate_size,
+                shape.num_layers,
+                shape.num_heads,
+                shape.num_heads,
+            ),
+            r,
+        )
         if got == square:
             raise AssertionError(
                 f"for r={r} you returned {got:,}: k_proj and v_proj are narrower than q_proj here, their output "
-                f"is num_key_value_heads * head_dim = {shape.kv_size}, not {shape.hidden_size}")
+                f"is num_key_value_heads * head_dim = {shape.kv_size}, not {shape.hidden_size}"
+            )
         raise AssertionError(
             f"for r={r} you returned {got!r}, expected {want:,}; hint: per block, sum r * (d_in + d_out) over "
-            "q, k, v, o, gate, up and down, then multiply by num_hidden_layers")
+            "q, k, v, o, gate, up and down, then multiply by num_hidden_layers"
+        )
     return f"correct: rank 8 adds {lora_params(shape, 8):,} parameters to SmolLM2's projections"
 
 
@@ -120,15 +143,17 @@ def check_absmax_int8(fn: Callable[[torch.Tensor], tuple]) -> str:
         if codes.shape != x.shape:
             raise AssertionError(f"codes must have the input's shape {tuple(x.shape)}, got {tuple(codes.shape)}")
         if codes.abs().max() > 127:
-            raise AssertionError(f"codes must lie in [-127, 127], got one of {int(codes.abs().max())}: "
-                                 "scale by 127 / absmax")
+            raise AssertionError(
+                f"codes must lie in [-127, 127], got one of {int(codes.abs().max())}: scale by 127 / absmax"
+            )
         packed, state = quantize_blockwise(x, "int", blocksize=_next_power_of_two(n), bits=8)
         expected = dequantize_blockwise(packed, state)  # (n,)
         got = codes.float() * float(scale)
         if not torch.allclose(got, expected, rtol=1e-5, atol=1e-6):
             raise AssertionError(
                 f"for {n} values codes * scale differs from lorakit's int8 by up to "
-                f"{(got - expected).abs().max():.3g}; did you round to the nearest integer and use scale = absmax / 127?"
+                f"{(got - expected).abs().max():.3g}; did you round to the nearest integer and use "
+                "scale = absmax / 127?"
             )
     return "correct: your absmax int8 matches lorakit's Int8 codebook"
 

@@ -29,7 +29,7 @@ class DequantizeMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: "Linear4bit") -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: Linear4bit) -> torch.Tensor:
         ctx.layer = layer
         return nn.functional.linear(x, layer.dequantize(x.dtype), bias)  # (..., out_features)
 
@@ -56,7 +56,10 @@ class Linear4bit(nn.Module):
     """
 
     def __init__(
-        self, weight_packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None,
+        self,
+        weight_packed: torch.Tensor,
+        state: QuantState,
+        bias: torch.Tensor | None = None,
         from_conv1d: bool = False,
     ):
         super().__init__()
@@ -80,9 +83,14 @@ class Linear4bit(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear | Conv1D, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-        bits: int | None = None, name: str = "weight",
-    ) -> "Linear4bit":
+        cls,
+        linear: nn.Linear | Conv1D,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        bits: int | None = None,
+        name: str = "weight",
+    ) -> Linear4bit:
         """Quantize an ``nn.Linear``'s weight (or a ``Conv1D``'s, transposed to (out, in)); the bias is kept."""
         conv1d = isinstance(linear, Conv1D)
         weight = linear.weight.T if conv1d else linear.weight  # (out_features, in_features)
@@ -95,8 +103,15 @@ class Linear4bit(nn.Module):
         state2 = SecondLevelState(self.absmax2, self.code2) if self.double_quant else None
         offset = self.absmax_offset if self.double_quant else None
         return QuantState(
-            self.absmax, torch.Size((self.out_features, self.in_features)), self.weight_dtype,
-            self.blocksize, self.code, self.quant_type, self.bits, offset, state2,
+            self.absmax,
+            torch.Size((self.out_features, self.in_features)),
+            self.weight_dtype,
+            self.blocksize,
+            self.code,
+            self.quant_type,
+            self.bits,
+            offset,
+            state2,
         )
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -183,8 +198,12 @@ def kept_in_full_precision(model: nn.Module) -> set[str]:
 
 @torch.no_grad()
 def quantize_model(
-    model: nn.Module, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-    bits: int | None = None, skip: tuple[str, ...] = ("lm_head",),
+    model: nn.Module,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    bits: int | None = None,
+    skip: tuple[str, ...] = ("lm_head",),
 ) -> nn.Module:
     """Replace every ``nn.Linear`` and ``Conv1D`` (except those skipped) with a :class:`Linear4bit`, in place.
 
@@ -201,12 +220,15 @@ def quantize_model(
         raise TypeError(f"skip must be a tuple of names, got the string {skip!r}; write ({skip!r},)")
     kept = kept_in_full_precision(model)
     targets = [
-        (name, module) for name, module in model.named_modules()
+        (name, module)
+        for name, module in model.named_modules()
         if isinstance(module, (nn.Linear, Conv1D)) and name not in kept and not _skipped(name, tuple(skip))
     ]
     if not targets:
-        raise ValueError(f"quantize_model found no nn.Linear to quantize in {type(model).__name__} "
-                         f"(skip={skip}; always kept: {sorted(kept)})")
+        raise ValueError(
+            f"quantize_model found no nn.Linear to quantize in {type(model).__name__} "
+            f"(skip={skip}; always kept: {sorted(kept)})"
+        )
     for name, linear in targets:
         q = Linear4bit.from_linear(linear, f"{kind}{bits}", blocksize, double_quant, name=f"{name}.weight")
         set_module(model, name, q.to(linear.weight.device))

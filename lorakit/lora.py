@@ -289,8 +289,15 @@ def add_lora(
     for p in model.parameters():
         p.requires_grad_(False)
     for name, base in chosen:
-        layer = LoRALinear(base, r=r, alpha=alpha, dropout=dropout, rslora=rslora, name=name,
-                           autocast_adapter_dtype=autocast_adapter_dtype)
+        layer = LoRALinear(
+            base,
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            rslora=rslora,
+            name=name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
         set_module(model, name, layer)
     return model
 

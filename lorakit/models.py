@@ -64,7 +64,9 @@ def chat_prompt(tokenizer, prompt: str) -> str:
     """
     if not tokenizer.chat_template:
         return prompt
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
 
 
 @torch.no_grad()
@@ -112,17 +114,27 @@ def generate(
     inputs = tokenizer(text, return_tensors="pt").to(model.device)
     eos_ids = _eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    settings = dict(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty, eos_token_id=eos_ids,
-                    pad_token_id=pad_id)
+    settings = dict(
+        max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty, eos_token_id=eos_ids, pad_token_id=pad_id
+    )
     if temperature == 0:
         out = model.generate(**inputs, do_sample=False, **settings)  # (1, P + new)
     else:
         devices = [model.device.index or 0] if model.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            out = model.generate(**inputs, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                                 num_return_sequences=num_samples or 1, **settings)  # (k, P + new)
-    texts = [t.strip() for t in tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)]
+            out = model.generate(
+                **inputs,
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=0,
+                num_return_sequences=num_samples or 1,
+                **settings,
+            )  # (k, P + new)
+    texts = [
+        t.strip() for t in tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    ]
     return texts[0] if num_samples is None else texts
 
 
@@ -138,7 +150,9 @@ def _check_generation(max_new_tokens, temperature, top_p, repetition_penalty, nu
     if num_samples is not None and num_samples < 1:
         raise ValueError(f"generate: num_samples must be None (one string) or at least 1, got {num_samples}")
     if temperature == 0 and top_p != 1:
-        raise ValueError(f"generate: top_p={top_p} only acts when sampling; pass a temperature > 0 (0.7, say) or top_p=1")
+        raise ValueError(
+            f"generate: top_p={top_p} only acts when sampling; pass a temperature > 0 (0.7, say) or top_p=1"
+        )
     if temperature == 0 and (num_samples or 1) > 1:
         raise ValueError(
             f"generate: num_samples={num_samples} with temperature=0 would give {num_samples} copies of the "

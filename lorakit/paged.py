@@ -84,21 +84,32 @@ class PagedOptimizer(torch.optim.Optimizer):
     collected, and when a step fails (the optimizer is then closed: its state is half-updated).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, budget_bytes: int, page_bytes: int = 1 << 20,
-                 page_dir: str | None = None):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        budget_bytes: int,
+        page_bytes: int = 1 << 20,
+        page_dir: str | None = None,
+    ):
         if not isinstance(optimizer, ELEMENTWISE + BLOCKWISE):
-            raise TypeError(f"PagedOptimizer: {type(optimizer).__name__} is not supported; it pages elementwise "
-                            f"and blockwise optimizers only: {', '.join(c.__name__ for c in ELEMENTWISE + BLOCKWISE)}")
+            raise TypeError(
+                f"PagedOptimizer: {type(optimizer).__name__} is not supported; it pages elementwise "
+                f"and blockwise optimizers only: {', '.join(c.__name__ for c in ELEMENTWISE + BLOCKWISE)}"
+            )
         if optimizer.state:
             raise ValueError("PagedOptimizer: wrap the optimizer before its first step (its state is not empty)")
         if page_bytes < 64:
             raise ValueError(f"page_bytes={page_bytes}: a page must hold at least 64 bytes")
         if page_dir is not None and not os.path.isdir(page_dir):
-            raise ValueError(f"page_dir={page_dir!r} is not a folder; give an existing folder for the page file, "
-                             "or None for the system's temporary folder")
+            raise ValueError(
+                f"page_dir={page_dir!r} is not a folder; give an existing folder for the page file, "
+                "or None for the system's temporary folder"
+            )
         if budget_bytes < page_bytes:
-            raise ValueError(f"budget_bytes={budget_bytes:,} is smaller than one page ({page_bytes:,} bytes): "
-                             "the fast tier must hold at least one page")
+            raise ValueError(
+                f"budget_bytes={budget_bytes:,} is smaller than one page ({page_bytes:,} bytes): "
+                "the fast tier must hold at least one page"
+            )
         params = [p for g in optimizer.param_groups for p in g["params"]]
         super().__init__(params, optimizer.defaults)  # hooks and bookkeeping of torch.optim.Optimizer
         self.param_groups = optimizer.param_groups  # the same dicts: a scheduler's lr reaches the wrapped one
@@ -158,9 +169,11 @@ class PagedOptimizer(torch.optim.Optimizer):
         align = opt.blocksize if blockwise else 1
         per_row = self.page_bytes // (max(1, len(names)) * itemsize) // align * align
         if per_row == 0:
-            raise ValueError(f"page_bytes={self.page_bytes:,} is too small for one block of {align} elements of "
-                             f"{type(opt).__name__}'s state; use pages of at least "
-                             f"{align * len(names) * itemsize} bytes")
+            raise ValueError(
+                f"page_bytes={self.page_bytes:,} is too small for one block of {align} elements of "
+                f"{type(opt).__name__}'s state; use pages of at least "
+                f"{align * len(names) * itemsize} bytes"
+            )
         return _Layout(names, dtype, per_row, align)
 
     def _lay_out_pages(self):
@@ -324,8 +337,10 @@ class PagedOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         if hasattr(self, "optimizer"):  # torch.optim.Optimizer.__init__ adds the first groups itself
-            raise TypeError("PagedOptimizer: the pages are laid out once; give every parameter group to the "
-                            "wrapped optimizer before wrapping it")
+            raise TypeError(
+                "PagedOptimizer: the pages are laid out once; give every parameter group to the "
+                "wrapped optimizer before wrapping it"
+            )
         super().add_param_group(param_group)
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -353,8 +368,10 @@ class PagedOptimizer(torch.optim.Optimizer):
             raise RuntimeError("PagedOptimizer: this optimizer is closed (after close() or a failed step)")
         groups = state_dict["param_groups"]
         if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
-            raise ValueError("PagedOptimizer.load_state_dict: the state dict's parameter groups do not match "
-                             "this optimizer's (another model, or other parameter groups?)")
+            raise ValueError(
+                "PagedOptimizer.load_state_dict: the state dict's parameter groups do not match "
+                "this optimizer's (another model, or other parameter groups?)"
+            )
         for group, saved in zip(self.param_groups, groups):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self._write_back_all()
@@ -421,9 +438,15 @@ class PagedOptimizer(torch.optim.Optimizer):
 
     def counters(self) -> dict:
         """Bytes moved, pages moved, hits and seconds spent paging since construction."""
-        return dict(bytes_in=self.bytes_in, bytes_out=self.bytes_out, page_ins=self.page_ins,
-                    page_outs=self.page_outs, hits=self.hits, seconds_paging=self.seconds_paging,
-                    peak_resident_bytes=self.peak_resident_bytes)
+        return dict(
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            page_ins=self.page_ins,
+            page_outs=self.page_outs,
+            hits=self.hits,
+            seconds_paging=self.seconds_paging,
+            peak_resident_bytes=self.peak_resident_bytes,
+        )
 
     def close(self) -> None:
         """Release both tiers and remove the page file. Idempotent."""
@@ -435,7 +458,7 @@ class PagedOptimizer(torch.optim.Optimizer):
         if self.path is not None:
             self._finalizer()  # removes the file once, and never again at garbage collection
 
-    def __enter__(self) -> "PagedOptimizer":
+    def __enter__(self) -> PagedOptimizer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -443,5 +466,7 @@ class PagedOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         tier = "pinned CPU memory" if self.device.type == "cuda" else "a memory-mapped file"
-        return (f"PagedOptimizer({type(self.optimizer).__name__}, {len(self._page_layout)} pages of "
-                f"{self.page_bytes:,} B on {tier}, budget {self.max_resident_pages} pages on {self.device})")
+        return (
+            f"PagedOptimizer({type(self.optimizer).__name__}, {len(self._page_layout)} pages of "
+            f"{self.page_bytes:,} B on {tier}, budget {self.max_resident_pages} pages on {self.device})"
+        )

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -29,8 +29,10 @@ class Runtime:
         why = ""
         if self.device.type == "cpu" and self.dtype == torch.bfloat16 and not os.environ.get("LORAKIT_DTYPE"):
             why = " (this CPU has native bfloat16; LORAKIT_DTYPE=float32 to change)"
-        return (f"{where} | device: {self.device} ({name}) | compute dtype: "
-                f"{str(self.dtype).removeprefix('torch.')}{why} | seed: {self.seed}")
+        return (
+            f"{where} | device: {self.device} ({name}) | compute dtype: "
+            f"{str(self.dtype).removeprefix('torch.')}{why} | seed: {self.seed}"
+        )
 
 
 def in_colab() -> bool:
@@ -58,13 +60,15 @@ def check_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device={str(device)!r} is not a device torch knows; available here: "
-                         f"{', '.join(available)}") from None
+        raise ValueError(
+            f"device={str(device)!r} is not a device torch knows; available here: {', '.join(available)}"
+        ) from None
     index = 0 if dev.index is None else dev.index
     name = dev.type if dev.type in ("cpu", "mps") else f"{dev.type}:{index}"
     if dev.type != "cpu" and name not in available:
-        raise ValueError(f"device={str(device)!r} is not available on this machine; available here: "
-                         f"{', '.join(available)}")
+        raise ValueError(
+            f"device={str(device)!r} is not available on this machine; available here: {', '.join(available)}"
+        )
     return dev
 
 

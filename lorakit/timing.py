@@ -41,8 +41,10 @@ def interleaved_latency(fns: dict[str, Callable[[], object]], rounds: int, repea
     for _ in range(rounds):
         for name, fn in fns.items():
             times[name].append(median_time(fn, repeats=repeats, warmup=0))
-    return {name: dict(seconds=statistics.median(t), spread=(max(t) - min(t)) / statistics.median(t))
-            for name, t in times.items()}
+    return {
+        name: dict(seconds=statistics.median(t), spread=(max(t) - min(t)) / statistics.median(t))
+        for name, t in times.items()
+    }
 
 
 class StageClock:
@@ -72,8 +74,9 @@ def tokens_per_second(model, tokenizer, prompt: str, new_tokens: int = 32, repea
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def run():
-        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=pad)
+        model.generate(
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
+        )
         if inputs["input_ids"].is_cuda:
             torch.cuda.synchronize()  # the clock must wait for the GPU
 

@@ -17,10 +17,9 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -35,8 +34,18 @@ CHECKPOINT = "checkpoint.pt"
 OPTIMIZERS = ("adamw", "paged_adamw", "adamw8bit", "paged_adamw8bit")
 DEFAULT_LR = 2e-4  # QLoRA appendix B, for LoRA on models of up to 13B parameters
 # The settings that shape the trajectory: a checkpoint resumes only into a run with the same ones.
-TRAJECTORY = ("steps", "lr", "batch_size", "grad_accum", "warmup_steps", "min_lr_ratio", "weight_decay",
-              "max_grad_norm", "seed", "optimizer")
+TRAJECTORY = (
+    "steps",
+    "lr",
+    "batch_size",
+    "grad_accum",
+    "warmup_steps",
+    "min_lr_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "seed",
+    "optimizer",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,8 +86,10 @@ def train_steps(
     if not batches:
         raise ValueError("train_steps: batches is empty; give at least one batch")
     model.train()
-    losses = [train_step(model, batches[i % len(batches)], optimizer)
-              for i in tqdm(range(steps), desc="train", leave=False, disable=not progress)]
+    losses = [
+        train_step(model, batches[i % len(batches)], optimizer)
+        for i in tqdm(range(steps), desc="train", leave=False, disable=not progress)
+    ]
     optimizer.zero_grad(set_to_none=True)
     model.eval()
     return losses
@@ -162,8 +173,13 @@ def batch_for(blocks: torch.Tensor, step: int, micro: int, config: TrainConfig) 
     return blocks[order[position * config.batch_size : (position + 1) * config.batch_size]]
 
 
-def check_inputs(model: torch.nn.Module, blocks: torch.Tensor, config: TrainConfig, optimizer=None,
-                 checkpoint_dir: str | Path | None = None) -> None:
+def check_inputs(
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    config: TrainConfig,
+    optimizer=None,
+    checkpoint_dir: str | Path | None = None,
+) -> None:
     """Refuse bad settings, and settings that would be silently ignored, before any training starts."""
     for name in ("steps", "batch_size", "grad_accum"):
         if getattr(config, name) < 1:
@@ -177,14 +193,19 @@ def check_inputs(model: torch.nn.Module, blocks: torch.Tensor, config: TrainConf
     if isinstance(optimizer, str) and config.optimizer not in (None, optimizer):
         raise ValueError(f"optimizer={optimizer!r} and TrainConfig.optimizer={config.optimizer!r} disagree; set one")
     if optimizer is not None and not isinstance(optimizer, str):
-        ignored = [f"{n}={getattr(config, n)!r}" for n in ("lr", "weight_decay", "optimizer")
-                   if getattr(config, n) is not None]
+        ignored = [
+            f"{n}={getattr(config, n)!r}" for n in ("lr", "weight_decay", "optimizer") if getattr(config, n) is not None
+        ]
         if ignored:
-            raise ValueError(f"TrainConfig {', '.join(ignored)} would be ignored: the optimizer passed to train() "
-                             "has its own; leave them None, or pass no optimizer")
+            raise ValueError(
+                f"TrainConfig {', '.join(ignored)} would be ignored: the optimizer passed to train() "
+                "has its own; leave them None, or pass no optimizer"
+            )
     if config.checkpoint_every and checkpoint_dir is None:
-        raise ValueError(f"TrainConfig.checkpoint_every={config.checkpoint_every} needs a checkpoint_dir to write to; "
-                         "pass checkpoint_dir=..., or set checkpoint_every=0")
+        raise ValueError(
+            f"TrainConfig.checkpoint_every={config.checkpoint_every} needs a checkpoint_dir to write to; "
+            "pass checkpoint_dir=..., or set checkpoint_every=0"
+        )
     if blocks.ndim != 2 or len(blocks) < config.batch_size:
         raise ValueError(
             f"the training data has {len(blocks)} blocks (shape {tuple(blocks.shape)}), "
@@ -217,8 +238,14 @@ def check_optimizer(name: str) -> None:
         raise ValueError(f"optimizer={name!r} is not valid; choose one of {OPTIMIZERS}")
 
 
-def make_optimizer(name: str, params, lr: float = DEFAULT_LR, weight_decay: float = 0.0,
-                   page_budget_bytes: int = 16 << 20, page_dir: str | None = None) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str,
+    params,
+    lr: float = DEFAULT_LR,
+    weight_decay: float = 0.0,
+    page_budget_bytes: int = 16 << 20,
+    page_dir: str | None = None,
+) -> torch.optim.Optimizer:
     """The optimizer called ``name`` (bitsandbytes' names, see ``OPTIMIZERS``) over ``params``.
 
     ``paged_*`` wrap the optimizer in :class:`lorakit.paged.PagedOptimizer`: its state lives in pages,
@@ -271,8 +298,10 @@ def _load_checkpoint(folder: Path, model, optimizer, scheduler, result: TrainRes
         saved = state.get("config", {})
         differ = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in trajectory.items() if saved.get(k) != v]
         if differ:
-            raise ValueError(f"the checkpoint in {str(folder)!r} was written by a run with other settings "
-                             f"({', '.join(differ)}); resume with the same settings, or use another checkpoint_dir")
+            raise ValueError(
+                f"the checkpoint in {str(folder)!r} was written by a run with other settings "
+                f"({', '.join(differ)}); resume with the same settings, or use another checkpoint_dir"
+            )
     params = dict(model.named_parameters())
     missing = sorted(set(state["trainable"]) - set(params))
     if missing:
@@ -294,13 +323,19 @@ def _non_finite(step_loss: float, grad_norm: torch.Tensor, lr: float, step: int)
     """Why this step must not be taken (a non-finite loss or gradient), with the likely cause; None if fine."""
     if not math.isfinite(step_loss):
         if step == 0:
-            return (f"the loss is {step_loss} before any update: check the weights, the data and the compute "
-                    "dtype (float16 overflows easily)")
-        return (f"the loss became {step_loss}: the learning rate lr={lr:g} is likely too high for this "
-                "setting; lower it (2e-4 is QLoRA's)")
+            return (
+                f"the loss is {step_loss} before any update: check the weights, the data and the compute "
+                "dtype (float16 overflows easily)"
+            )
+        return (
+            f"the loss became {step_loss}: the learning rate lr={lr:g} is likely too high for this "
+            "setting; lower it (2e-4 is QLoRA's)"
+        )
     if not torch.isfinite(grad_norm):
-        return (f"the gradient norm is {grad_norm.item()}: lower the learning rate lr={lr:g}, keep gradient "
-                "clipping (max_grad_norm) on, or use float32 or bfloat16 instead of float16")
+        return (
+            f"the gradient norm is {grad_norm.item()}: lower the learning rate lr={lr:g}, keep gradient "
+            "clipping (max_grad_norm) on, or use float32 or bfloat16 instead of float16"
+        )
     return None
 
 
@@ -334,8 +369,9 @@ def train(
         name = optimizer or config.optimizer or "adamw"
         lr = DEFAULT_LR if config.lr is None else config.lr
         trajectory.update(optimizer=name, lr=lr, weight_decay=config.weight_decay or 0.0)  # as resolved
-        optimizer = make_optimizer(name, trainable, lr=lr, weight_decay=config.weight_decay or 0.0,
-                                   page_budget_bytes=config.page_budget_bytes)
+        optimizer = make_optimizer(
+            name, trainable, lr=lr, weight_decay=config.weight_decay or 0.0, page_budget_bytes=config.page_budget_bytes
+        )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.steps, config.min_lr_ratio)
     )
@@ -403,8 +439,11 @@ def train(
                 break
             optimizer.step()
             if not all(torch.isfinite(p).all() for p in trainable):  # the update itself overflowed
-                stop(result.step + 1, f"the update made weights non-finite: the learning rate "
-                                      f"{optimizer.param_groups[0]['lr']:g} is too high; lower it (2e-4 is QLoRA's)")
+                stop(
+                    result.step + 1,
+                    f"the update made weights non-finite: the learning rate "
+                    f"{optimizer.param_groups[0]['lr']:g} is too high; lower it (2e-4 is QLoRA's)",
+                )
                 break
             scheduler.step()
             result.step += 1

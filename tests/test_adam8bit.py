@@ -3,12 +3,12 @@ optimizer stores ~2 bytes per parameter and trains like 32-bit AdamW."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import math
 
 from lorakit.adam8bit import AdamW8bit, _dequantize_state, _quantize_state, create_dynamic_map, state_bytes
 
@@ -20,9 +20,10 @@ def test_dynamic_map_equals_bitsandbytes(signed):
     assert torch.equal(create_dynamic_map(signed=signed), F.create_dynamic_map(signed=signed))
 
 
-@pytest.mark.parametrize("signed, max_exponent_bits, total_bits",
-                         [(True, 6, 8), (True, 5, 8), (True, 1, 8), (True, 3, 4), (True, 2, 4), (True, 4, 6),
-                          (False, 3, 4)])
+@pytest.mark.parametrize(
+    "signed, max_exponent_bits, total_bits",
+    [(True, 6, 8), (True, 5, 8), (True, 1, 8), (True, 3, 4), (True, 2, 4), (True, 4, 6), (False, 3, 4)],
+)
 def test_other_dynamic_maps_equal_bitsandbytes(signed, max_exponent_bits, total_bits):
     """Fewer exponent bits use the all-exponent-bits-zero codes (scale 1.0); fewer total bits pad to 256 zeros."""
     import bitsandbytes.functional as F
@@ -142,8 +143,13 @@ def test_short_finetune_converges_like_32bit_adamw():
 
     def run(make_opt):
         torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.GELU(), torch.nn.Linear(256, 256),
-                                  torch.nn.GELU(), torch.nn.Linear(256, 1))
+        net = torch.nn.Sequential(
+            torch.nn.Linear(32, 256),
+            torch.nn.GELU(),
+            torch.nn.Linear(256, 256),
+            torch.nn.GELU(),
+            torch.nn.Linear(256, 1),
+        )
         teacher = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
         opt = make_opt(net.parameters())
         g = torch.Generator().manual_seed(1)

@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
-from tiny_models import ALL_PROJ, peft_model, randomize_lora, tiny_llama
+from tiny_models import peft_model, randomize_lora, tiny_llama
 
 from lorakit import add_lora, load_adapter, lora_layers, merge_lora, save_adapter
-from lorakit import adapter as adapter_module
 
 IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))  # (B, T)
 
@@ -58,12 +57,20 @@ def test_files_keys_and_config_match_peft(tiny, trained, tmp_path):
 
     save_adapter(trained, tmp_path / "ours")
     peft_model(tiny, ["q_proj", "down_proj"], r=4, alpha=8).save_pretrained(tmp_path / "peft")
-    ours, theirs = load_file(tmp_path / "ours/adapter_model.safetensors"), load_file(tmp_path / "peft/adapter_model.safetensors")
+    ours, theirs = (
+        load_file(tmp_path / "ours/adapter_model.safetensors"),
+        load_file(tmp_path / "peft/adapter_model.safetensors"),
+    )
     assert ours.keys() == theirs.keys()
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in ours
     assert all(ours[k].shape == theirs[k].shape and ours[k].dtype == theirs[k].dtype for k in ours)
     config = LoraConfig.from_pretrained(tmp_path / "ours")
-    assert (config.r, config.lora_alpha, set(config.target_modules), config.use_rslora) == (4, 8, {"q_proj", "down_proj"}, False)
+    assert (config.r, config.lora_alpha, set(config.target_modules), config.use_rslora) == (
+        4,
+        8,
+        {"q_proj", "down_proj"},
+        False,
+    )
     assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
@@ -73,7 +80,9 @@ def test_partial_targets_are_saved_as_full_names(tiny, tmp_path):
     model = add_lora(copy.deepcopy(tiny), ["layers.1.self_attn.v_proj"], r=2, alpha=4)
     randomize_lora(model)
     save_adapter(model, tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["model.layers.1.self_attn.v_proj"]
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == [
+        "model.layers.1.self_attn.v_proj"
+    ]
     theirs = PeftModel.from_pretrained(copy.deepcopy(tiny), tmp_path)
     assert (logits(theirs) - logits(model)).abs().max() <= 1e-5
 
@@ -112,11 +121,19 @@ def test_smollm2_round_trips_both_ways(smollm2, tmp_path):
 
 
 def test_missing_folder_or_file(tiny, trained, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"adapter folder '.*nowhere' has no adapter_config.json; an adapter folder"):
+    with pytest.raises(
+        FileNotFoundError, match=r"adapter folder '.*nowhere' has no adapter_config.json; an adapter folder"
+    ):
         load_adapter(tiny, tmp_path / "nowhere")
     save_adapter(trained, tmp_path)
     (tmp_path / "adapter_model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match=r"has no adapter_model.safetensors; an adapter folder .* holds adapter_config.json and adapter_model.safetensors"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=(
+            r"has no adapter_model.safetensors; an adapter folder .* "
+            r"holds adapter_config.json and adapter_model.safetensors"
+        ),
+    ):
         load_adapter(tiny, tmp_path)
 
 
@@ -124,7 +141,9 @@ def test_corrupt_files(tiny, trained, tmp_path):
     save_adapter(trained, tmp_path)
     weights = tmp_path / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated, as by an interrupted copy
-    with pytest.raises(ValueError, match=r"adapter_model.safetensors in '.*' is corrupt \(.*\); save the adapter again"):
+    with pytest.raises(
+        ValueError, match=r"adapter_model.safetensors in '.*' is corrupt \(.*\); save the adapter again"
+    ):
         load_adapter(copy.deepcopy(tiny), tmp_path)
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ')
     with pytest.raises(ValueError, match=r"adapter_config.json in '.*' is corrupt \(not valid JSON"):
@@ -138,25 +157,50 @@ def test_adapter_for_another_model_shape(trained, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     save_adapter(trained, tmp_path)
-    wider = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
-    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj.lora_A has shape \(4, 32\), but the model expects \(4, 48\) "
-                                         r"\(lora_A: \(r, d_in\), lora_B: \(d_out, r\) with r=4, d_in=48, d_out=48\); was it trained for another model or rank\?"):
+    wider = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=48,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"model.layers.0.self_attn.q_proj.lora_A has shape \(4, 32\), but the model expects \(4, 48\) "
+        r"\(lora_A: \(r, d_in\), lora_B: \(d_out, r\) with r=4, d_in=48, "
+        r"d_out=48\); was it trained for another model or rank\?",
+    ):
         load_adapter(wider, tmp_path)
 
 
 def test_adapter_with_another_rank_or_targets(tiny, trained, tmp_path):
     save_adapter(trained, tmp_path)
     other_rank = add_lora(copy.deepcopy(tiny), ["q_proj", "down_proj"], r=2, alpha=8)
-    with pytest.raises(ValueError, match=r"has r=4, lora_alpha=8, but the model's LoRA layer 'model.layers.0.self_attn.q_proj' has r=2, alpha=8"):
+    with pytest.raises(
+        ValueError,
+        match=r"has r=4, lora_alpha=8, but the model's LoRA layer 'model.layers.0.self_attn.q_proj' has r=2, alpha=8",
+    ):
         load_adapter(other_rank, tmp_path)
     other_targets = add_lora(copy.deepcopy(tiny), ["q_proj", "v_proj"], r=4, alpha=8)
-    with pytest.raises(ValueError, match=r"does not fit LlamaForCausalLM: it targets 2 modules the model has no LoRA layer for \(e.g. 'model.layers.0.mlp.down_proj'\); "
-                                         r"it has no weights for 2 LoRA layers of the model \(e.g. 'model.layers.0.self_attn.v_proj'\)"):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"does not fit LlamaForCausalLM: it targets 2 modules the model "
+            r"has no LoRA layer for \(e.g. 'model.layers.0.mlp.down_proj'\); "
+            r"it has no weights for 2 LoRA layers of the model \(e.g. 'model.layers.0.self_attn.v_proj'\)"
+        ),
+    ):
         load_adapter(other_targets, tmp_path)
     shallow = tiny_llama()
     del shallow.model.layers[1]  # a one-layer model: the adapter's layer-1 weights have no home
-    with pytest.raises(ValueError, match=r"it targets 2 modules the model has no LoRA layer for \(e.g. 'model.layers.1.mlp.down_proj'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"it targets 2 modules the model has no LoRA layer for \(e.g. 'model.layers.1.mlp.down_proj'\)",
+    ):
         load_adapter(shallow, tmp_path)
 
 
@@ -173,7 +217,9 @@ def test_unsupported_variants_and_merged_models(tiny, trained, tmp_path):
         load_adapter(copy.deepcopy(tiny), tmp_path)
     config_path.write_text(json.dumps(good))
     merged = merge_lora(copy.deepcopy(trained))
-    with pytest.raises(RuntimeError, match=r"LoRA layer 'model.layers.0.self_attn.q_proj' is merged; call unmerge_lora"):
+    with pytest.raises(
+        RuntimeError, match=r"LoRA layer 'model.layers.0.self_attn.q_proj' is merged; call unmerge_lora"
+    ):
         load_adapter(merged, tmp_path)
     with pytest.raises(ValueError, match=r"LlamaForCausalLM has no LoRA layers to save; call add_lora"):
         save_adapter(tiny, tmp_path / "empty")

@@ -140,8 +140,13 @@ def bnb_4bit(base: nn.Module, folder) -> nn.Module:
     from transformers import BitsAndBytesConfig
 
     base.save_pretrained(folder)
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.uint8)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
     return type(base).from_pretrained(folder, dtype=torch.float32, device_map={"": "cpu"}, quantization_config=config)
 
 
@@ -181,12 +186,14 @@ def test_a_tied_head_not_called_lm_head_is_kept():
 def test_t5_keeps_wo_in_full_precision_as_transformers():
     model = quantize_model(tiny_t5())
     assert {n for n, m in model.named_modules() if n.endswith(".wo")} == {
-        n for n, m in model.named_modules() if n.endswith(".wo") and type(m) is nn.Linear}
+        n for n, m in model.named_modules() if n.endswith(".wo") and type(m) is nn.Linear
+    }
     assert len([m for m in model.modules() if isinstance(m, Linear4bit)]) == 28
 
 
 def test_t5_runs_with_a_4bit_wo_and_lora_on_it():
-    """T5's forward reads ``wo.weight.dtype``: a Linear4bit (and a LoRA layer around it) answer with the float weight."""
+    """T5's forward reads ``wo.weight.dtype``: a Linear4bit (and a LoRA layer around it) answer with the float
+    weight."""
     model = tiny_t5()
     batch = tiny_inputs(model)
     names = [n for n, m in model.named_modules() if n.endswith(".wo")]

@@ -38,8 +38,9 @@ def make_book_flags() -> list[str]:
 
 def build(book: Path, out: Path) -> subprocess.CompletedProcess:
     jb = Path(sys.executable).with_name("jupyter-book")
-    return subprocess.run([str(jb), "build", str(book), "--path-output", str(out), *make_book_flags()],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [str(jb), "build", str(book), "--path-output", str(out), *make_book_flags()], capture_output=True, text=True
+    )
 
 
 def test_every_notebook_is_a_chapter_in_teaching_order():
@@ -74,7 +75,9 @@ def python_objects(path: Path) -> set[str]:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
             if isinstance(node, ast.ClassDef):
-                names |= {f"{node.name}.{n.name}" for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+                names |= {
+                    f"{node.name}.{n.name}" for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                }
     return names
 
 
@@ -98,20 +101,28 @@ def library_lines() -> set[str]:
     """Every substantial line of lorakit's source, stripped (what a pasted copy would repeat)."""
     lines = set()
     for module in (ROOT / "lorakit").rglob("*.py"):
-        lines |= {s for line in module.read_text().splitlines() if len(s := line.strip()) >= 20 and not s.startswith("#")}
+        lines |= {
+            s for line in module.read_text().splitlines() if len(s := line.strip()) >= 20 and not s.startswith("#")
+        }
     return lines
 
 
 def fenced_code(text: str) -> list[str]:
     """Bodies of fenced code blocks (``` or ~~~), directives like {literalinclude} left out."""
-    return [body for fence, info, body in re.findall(r"^(```+|~~~+)[ \t]*(.*?)\n(.*?)^\1", text, re.M | re.S)
-            if not info.startswith("{literalinclude}")]
+    return [
+        body
+        for fence, info, body in re.findall(r"^(```+|~~~+)[ \t]*(.*?)\n(.*?)^\1", text, re.M | re.S)
+        if not info.startswith("{literalinclude}")
+    ]
 
 
 def book_markdown() -> dict[str, str]:
     """The text of every markdown page of the book and every notebook's markdown cells."""
-    pages = {p.relative_to(BOOK).as_posix(): p.read_text() for p in BOOK.rglob("*.md")
-             if "_build" not in p.parts and p.parent.name != "notebooks"}
+    pages = {
+        p.relative_to(BOOK).as_posix(): p.read_text()
+        for p in BOOK.rglob("*.md")
+        if "_build" not in p.parts and p.parent.name != "notebooks"
+    }
     for name in NOTEBOOKS:
         cells = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())["cells"]
         pages[f"notebooks/{name}"] = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
@@ -120,15 +131,19 @@ def book_markdown() -> dict[str, str]:
 
 def test_book_pages_hold_no_pasted_copy_of_lorakit_code():
     library = library_lines()
-    pasted = {page: sorted({line.strip() for block in fenced_code(text) for line in block.splitlines()} & library)
-              for page, text in book_markdown().items()}
+    pasted = {
+        page: sorted({line.strip() for block in fenced_code(text) for line in block.splitlines()} & library)
+        for page, text in book_markdown().items()
+    }
     assert {page: lines for page, lines in pasted.items() if lines} == {}, "use literalinclude, not a copy"
 
 
 def test_the_pasted_copy_check_catches_a_copy():
     source = (ROOT / "lorakit" / "lora.py").read_text()
-    copied = source[source.index("class LoRALinear"):][:400]
-    assert {line.strip() for block in fenced_code(f"```python\n{copied}\n```\n") for line in block.splitlines()} & library_lines()
+    copied = source[source.index("class LoRALinear") :][:400]
+    assert {
+        line.strip() for block in fenced_code(f"```python\n{copied}\n```\n") for line in block.splitlines()
+    } & library_lines()
 
 
 # ------------------------------------------------------------------ the builds

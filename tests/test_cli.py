@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(*args: str, preexec_fn=None, **env: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=environment, cwd=ROOT,
-                          preexec_fn=preexec_fn)
+    return subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, env=environment, cwd=ROOT, preexec_fn=preexec_fn
+    )
 
 
 def one_line_error(done: subprocess.CompletedProcess, prog: str, text: str) -> None:
@@ -25,11 +26,14 @@ def one_line_error(done: subprocess.CompletedProcess, prog: str, text: str) -> N
     assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: ") and text in lines[0], done.stderr
 
 
-@pytest.mark.parametrize("args, text", [
-    (["--device", "tpu"], "device='tpu' is not a device torch knows; available here: cpu"),
-    (["--train-blocks", "-5"], "train_blocks=-5 is not valid"),
-    (["--seq-len", "100000"], "seq_len=100000 is not valid for smollm2-135m-instruct: it has 8192 positions"),
-])
+@pytest.mark.parametrize(
+    "args, text",
+    [
+        (["--device", "tpu"], "device='tpu' is not a device torch knows; available here: cpu"),
+        (["--train-blocks", "-5"], "train_blocks=-5 is not valid"),
+        (["--seq-len", "100000"], "seq_len=100000 is not valid for smollm2-135m-instruct: it has 8192 positions"),
+    ],
+)
 def test_finetune_refuses_bad_input_in_one_line_before_writing(tmp_path, args, text):
     done = run("lorakit.finetune", *args, "--out", str(tmp_path / "run"))
     one_line_error(done, "python -m lorakit.finetune", text)
@@ -41,10 +45,13 @@ def test_debug_shows_the_traceback(tmp_path):
     assert done.returncode == 1 and "Traceback" in done.stderr and "ValueError: device='tpu'" in done.stderr
 
 
-@pytest.mark.parametrize("command", [
-    ["lorakit.finetune", "--out", "{tmp}/run"],
-    ["lorakit.lab", "--steps", "1", "--no-progress"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["lorakit.finetune", "--out", "{tmp}/run"],
+        ["lorakit.lab", "--steps", "1", "--no-progress"],
+    ],
+)
 def test_a_missing_asset_is_one_line_that_says_how_to_fetch_it(tmp_path, command):
     done = run(*[c.format(tmp=tmp_path) for c in command], LORAKIT_CACHE=str(tmp_path / "empty"))
     one_line_error(done, f"python -m {command[0]}", "Fetch it with: python -m lorakit.assets fetch")
@@ -69,9 +76,19 @@ def test_an_address_space_limit_counts_as_the_memory_available(tmp_path):
     def cap():
         resource.setrlimit(resource.RLIMIT_AS, (12 * 10**9, resource.RLIM_INFINITY))
 
-    done = run("lorakit.finetune", "--seq-len", "8192", "--batch-size", "1", "--eval-blocks", "1",
-               "--out", str(tmp_path / "run"), preexec_fn=cap,
-               LORAKIT_DTYPE="float32")  # the newcomer's run computed in float32 (bf16 halves the activations)
+    done = run(
+        "lorakit.finetune",
+        "--seq-len",
+        "8192",
+        "--batch-size",
+        "1",
+        "--eval-blocks",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+        preexec_fn=cap,
+        LORAKIT_DTYPE="float32",
+    )  # the newcomer's run computed in float32 (bf16 halves the activations)
     assert done.returncode == 2 and "the address-space limit (ulimit -v)" in done.stderr, done.stderr
     assert "a setting that fits: --gradient-checkpointing" in done.stderr
     assert not (tmp_path / "run").exists()

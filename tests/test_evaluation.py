@@ -99,7 +99,7 @@ def test_the_paired_comparison_flags_a_real_difference_and_not_a_null_one():
     g = torch.Generator().manual_seed(0)
     template = heldout_perplexity(tiny_llama(seed=0), blocks=random_blocks(32), resamples=500)
     flagged = {"null": 0, "real": 0}
-    for trial in range(200):
+    for _ in range(200):
         base = 4.0 + 0.3 * torch.randn(32, generator=g, dtype=torch.float64)  # (N,) a model's block losses
         before = with_losses(template, base)
         for kind, shift in (("null", 0.0), ("real", 0.03)):

@@ -74,8 +74,11 @@ def test_bad_settings_are_refused_before_anything_runs(settings, message):
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"rank": 300}, "rank=300 is not valid for smollm2-135m-instruct: LoRA on k_proj needs r <= "
-                        "min\\(d_in, d_out\\) = min\\(576, 192\\) = 192"),
+        (
+            {"rank": 300},
+            "rank=300 is not valid for smollm2-135m-instruct: LoRA on k_proj needs r <= "
+            "min\\(d_in, d_out\\) = min\\(576, 192\\) = 192",
+        ),
         ({"rank": 193, "targets": ("v_proj",)}, "rank=193 is not valid .* v_proj .* = 192"),
         ({"seq_len": 9000}, "seq_len=9000 is not valid for smollm2-135m-instruct: it has 8192 positions"),
         ({"seq_len": 100000}, "seq_len=100000 is not valid .* at most 8192"),
@@ -99,8 +102,12 @@ def test_devices_that_are_not_here_are_refused_listing_those_that_are(monkeypatc
 def test_output_paths_that_cannot_be_a_run_folder_are_refused(tmp_path):
     afile = tmp_path / "afile.txt"
     afile.write_text("mine")
-    for out, message in [(afile, "is not a folder"), ("/dev/null", "is not a folder"),
-                         (afile / "sub", "is a file, not a folder"), ("/proc/lorakit-no-such", "cannot be created")]:
+    for out, message in [
+        (afile, "is not a folder"),
+        ("/dev/null", "is not a folder"),
+        (afile / "sub", "is a file, not a folder"),
+        ("/proc/lorakit-no-such", "cannot be created"),
+    ]:
         with pytest.raises(ValueError, match=message):
             validate(FinetuneConfig(), out=out)
     assert afile.read_text() == "mine"
@@ -146,12 +153,15 @@ def test_output_folder_rules(tmp_path):
     assert json.loads((run / RUN_FILE).read_text())["steps"] == 3
 
 
-@pytest.mark.parametrize("planted", [
-    {"thesis.txt": "mine", "sub/data.csv": "1,2"},  # next to a run
-    {"checkpoint/notes.md": "mine"},  # inside the run's own folders
-    {"adapter/my_adapter.bin": "mine"},
-    {"run.json": "not json"},  # no readable run.json: nothing here is known to be lorakit's
-])
+@pytest.mark.parametrize(
+    "planted",
+    [
+        {"thesis.txt": "mine", "sub/data.csv": "1,2"},  # next to a run
+        {"checkpoint/notes.md": "mine"},  # inside the run's own folders
+        {"adapter/my_adapter.bin": "mine"},
+        {"run.json": "not json"},  # no readable run.json: nothing here is known to be lorakit's
+    ],
+)
 def test_overwrite_never_deletes_a_learners_files(tmp_path, planted):
     settings = settings_of(FinetuneConfig(method="lora", steps=3))
     run = prepare_output(tmp_path / "run", settings)
@@ -255,8 +265,25 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
 
 @pytest.mark.model
 def test_a_diverging_finetune_keeps_its_last_checkpoint_and_saves_no_adapter(tmp_path, capsys):
-    args = ["--method", "lora", "--lr", "1e30", "--steps", "4", "--seq-len", "16", "--batch-size", "1",
-            "--train-blocks", "2", "--eval-blocks", "1", "--no-progress", "--out", str(tmp_path)]
+    args = [
+        "--method",
+        "lora",
+        "--lr",
+        "1e30",
+        "--steps",
+        "4",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "1",
+        "--train-blocks",
+        "2",
+        "--eval-blocks",
+        "1",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+    ]
     assert run_main(main, args) == 1
     assert "diverged at step" in capsys.readouterr().err
     metrics = json.loads((tmp_path / METRICS_FILE).read_text())

@@ -21,8 +21,18 @@ import lorakit
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("matplotlib", "ipywidgets", "lorakit.widgets", "lorakit.lab", "lorakit.finetune.report")
 # the core and plumbing modules a script may import without drawing anything
-CORE = ("lorakit", "lorakit.lowrank", "lorakit.memory", "lorakit.memory.__main__", "lorakit.tradeoff",
-        "lorakit.exercises", "lorakit.timing", "lorakit.train", "lorakit.models", "lorakit.finetune")
+CORE = (
+    "lorakit",
+    "lorakit.lowrank",
+    "lorakit.memory",
+    "lorakit.memory.__main__",
+    "lorakit.tradeoff",
+    "lorakit.exercises",
+    "lorakit.timing",
+    "lorakit.train",
+    "lorakit.models",
+    "lorakit.finetune",
+)
 
 
 def fresh_python(code: str) -> dict:
@@ -57,8 +67,10 @@ def test_lazy_names_load_their_module_on_first_use():
 
 
 def test_finetune_stays_the_function_whatever_is_imported_first():
-    out = fresh_python("import json, lorakit.finetune.report, lorakit; from lorakit import run_lab; "
-                       "f = lorakit.finetune; print(json.dumps(callable(f) and f'{f.__module__}.{f.__qualname__}'))")
+    out = fresh_python(
+        "import json, lorakit.finetune.report, lorakit; from lorakit import run_lab; "
+        "f = lorakit.finetune; print(json.dumps(callable(f) and f'{f.__module__}.{f.__qualname__}'))"
+    )
     assert out == "lorakit.finetune.pipeline.finetune"  # the function, not the subpackage of the same name
 
 
@@ -78,12 +90,16 @@ def notebook_imports() -> list[tuple[str, str, str]]:
             if cell["cell_type"] != "code":
                 continue
             lines = "".join(cell["source"]).splitlines()
-            code = "\n".join(line[: len(line) - len(line.lstrip())] + "pass" if line.lstrip().startswith(("%", "!"))
-                             else line for line in lines)  # IPython magics, kept as statements in their block
+            code = "\n".join(
+                line[: len(line) - len(line.lstrip())] + "pass" if line.lstrip().startswith(("%", "!")) else line
+                for line in lines
+            )  # IPython magics, kept as statements in their block
             for node in ast.walk(ast.parse(code)):
                 if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "lorakit":
                     found += [(path.stem, node.module, alias.name) for alias in node.names]
-                elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "lorakit":
+                elif (
+                    isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "lorakit"
+                ):
                     found.append((path.stem, "lorakit", node.attr))
     return found
 

@@ -8,8 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from lorakit.codebooks import widest_gap
-
 from lorakit import (
     Linear4bit,
     dequantize_4bit,
@@ -19,6 +17,7 @@ from lorakit import (
     quantize_model,
     tradeoff_widget,
 )
+from lorakit.codebooks import widest_gap
 
 warnings.filterwarnings("ignore", message=".*kernels.*")
 
@@ -92,8 +91,11 @@ def test_quantize_model_replaces_linears_but_skips_lm_head():
     assert quantize_model(model) is model
     kinds = {name: type(m).__name__ for name, m in model.named_modules() if name.endswith(("proj", "head"))}
     assert kinds == {
-        "layers.0.up_proj": "Linear4bit", "layers.0.down_proj": "Linear4bit",
-        "layers.1.up_proj": "Linear4bit", "layers.1.down_proj": "Linear4bit", "lm_head": "Linear",
+        "layers.0.up_proj": "Linear4bit",
+        "layers.0.down_proj": "Linear4bit",
+        "layers.1.up_proj": "Linear4bit",
+        "layers.1.down_proj": "Linear4bit",
+        "lm_head": "Linear",
     }
     after = model(x)
     assert 0 < (after - before).abs().max() < 0.1 * before.abs().max()
@@ -108,13 +110,15 @@ def test_quantize_model_settings_and_skip_patterns():
     assert isinstance(model.layers[0]["up_proj"], nn.Linear)
 
 
-@pytest.mark.parametrize("quant_type, bits, expected", [("int8", None, "int8"), ("nf3", None, "nf3"),
-                                                         ("nf", None, "nf4"), ("int", 8, "int8")])
+@pytest.mark.parametrize(
+    "quant_type, bits, expected",
+    [("int8", None, "int8"), ("nf3", None, "nf3"), ("nf", None, "nf4"), ("int", 8, "int8")],
+)
 def test_quantize_model_takes_the_width_from_quant_type(quant_type, bits, expected):
     """The docstring's quant_type="int8" / "nf3" work: bits defaults to None (the width in the name, else 4)."""
     model = quantize_model(Tiny(), quant_type=quant_type, bits=bits)
     down = model.layers[0]["down_proj"]
-    assert down.quant_type == expected and down.bits == int(expected[-1]) and down.code.numel() == 2 ** down.bits
+    assert down.quant_type == expected and down.bits == int(expected[-1]) and down.code.numel() == 2**down.bits
 
 
 def test_a_head_tied_to_the_embeddings_is_never_quantized():

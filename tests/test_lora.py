@@ -102,7 +102,13 @@ def test_wraps_a_linear_like_layer_but_will_not_merge_it():
     packed = LoRALinear(PackedLinear(), r=2, autocast_adapter_dtype=False)
     assert packed.lora_A.dtype == torch.bfloat16  # the base layer's compute dtype, not uint8
     assert LoRALinear(PackedLinear(), r=2).lora_A.dtype == torch.float32  # upcast, as peft by default
-    with pytest.raises(NotImplementedError, match=r"cannot merge LoRA into a PackedLinear base layer; only an nn.Linear \(or GPT-2's Conv1D\) with a floating-point"):
+    with pytest.raises(
+        NotImplementedError,
+        match=(
+            r"cannot merge LoRA into a PackedLinear base layer; only "
+            r"an nn.Linear \(or GPT-2's Conv1D\) with a floating-point"
+        ),
+    ):
         unload_lora(nn.Sequential(packed))
 
 
@@ -156,10 +162,18 @@ def test_count_parameters_equals_peft(tiny):
 def test_targets_match_by_dotted_suffix_as_peft(tiny):
     ours = add_lora(copy.deepcopy(tiny), ["layers.1.self_attn.q_proj", "down_proj"], r=2)
     theirs = peft_model(tiny, ["layers.1.self_attn.q_proj", "down_proj"], r=2)
-    peft_wrapped = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A") and n}
-    assert set(lora_layers(ours)) == peft_wrapped == {
-        "model.layers.1.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
-    assert set(lora_layers(add_lora(copy.deepcopy(tiny), "v_proj", r=2))) == {"model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"}
+    peft_wrapped = {
+        n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A") and n
+    }
+    assert (
+        set(lora_layers(ours))
+        == peft_wrapped
+        == {"model.layers.1.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
+    )
+    assert set(lora_layers(add_lora(copy.deepcopy(tiny), "v_proj", r=2))) == {
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.self_attn.v_proj",
+    }
 
 
 def test_merge_unmerge_unload(tiny):
@@ -232,7 +246,9 @@ def test_lora_term_is_added_then_cast_as_peft():
 def test_all_linear_matches_peft(tiny):
     ours = add_lora(copy.deepcopy(tiny), "all-linear", r=2)
     theirs = peft_model(tiny, "all-linear", r=2)
-    peft_wrapped = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A") and n}
+    peft_wrapped = {
+        n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A") and n
+    }
     assert set(lora_layers(ours)) == peft_wrapped
     assert len(peft_wrapped) == 14 and "lm_head" not in peft_wrapped  # every projection, not the output head
     small = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))  # no get_output_embeddings: every Linear
@@ -256,7 +272,13 @@ def test_a_nan_or_inf_adapter_is_not_merged_and_the_base_is_untouched(tiny, merg
     _poison(model, bad, value=value)
     before = {n: t.clone() for n, t in model.state_dict().items()}
     kind = "1 NaN and 0 Inf" if value != value else "0 NaN and 1 Inf"
-    with pytest.raises(ValueError, match=rf"{merge.__name__}: LoRA layer '{bad}'.*refusing to merge.*lora_B has {kind} values.*No base weight was changed"):
+    with pytest.raises(
+        ValueError,
+        match=(
+            rf"{merge.__name__}: LoRA layer '{bad}'.*refusing to "
+            rf"merge.*lora_B has {kind} values.*No base weight was changed"
+        ),
+    ):
         merge(model)
     after = model.state_dict()
     assert after.keys() == before.keys()
@@ -284,7 +306,10 @@ def test_merge_that_overflows_the_base_dtype_is_refused():
         layer.lora_A.fill_(300.0)
         layer.lora_B.fill_(300.0)  # dW = 2 * 300 * 300 = 180,000 > float16's max 65,504
     w0 = layer.base_layer.weight.clone()
-    with pytest.raises(ValueError, match=r"refusing to merge: the result would have 16 NaN/Inf values \(W0 \+ dW overflows torch.float16"):
+    with pytest.raises(
+        ValueError,
+        match=r"refusing to merge: the result would have 16 NaN/Inf values \(W0 \+ dW overflows torch.float16",
+    ):
         layer.merge()
     assert torch.equal(layer.base_layer.weight, w0) and not layer.merged
 
@@ -294,8 +319,13 @@ def test_merge_that_overflows_the_base_dtype_is_refused():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    d_in=st.integers(1, 24), d_out=st.integers(1, 24), r_frac=st.floats(0, 1), alpha=st.floats(0.5, 64),
-    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]), rslora=st.booleans(), seed=st.integers(0, 99),
+    d_in=st.integers(1, 24),
+    d_out=st.integers(1, 24),
+    r_frac=st.floats(0, 1),
+    alpha=st.floats(0.5, 64),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    rslora=st.booleans(),
+    seed=st.integers(0, 99),
 )
 def test_properties_against_peft(d_in, d_out, r_frac, alpha, dtype, rslora, seed):
     r = 1 + int(r_frac * (min(d_in, d_out) - 1))
@@ -330,13 +360,25 @@ def test_properties_against_peft(d_in, d_out, r_frac, alpha, dtype, rslora, seed
 
 @pytest.mark.parametrize("r", [0, -1, 2.5, True])
 def test_rank_below_one_or_not_an_int(tiny, r):
-    with pytest.raises(ValueError, match=rf"LoRA on 'model.layers.0.self_attn.q_proj': rank r={r!r} is invalid; r must be an integer of at least 1"):
+    with pytest.raises(
+        ValueError,
+        match=(
+            rf"LoRA on 'model.layers.0.self_attn.q_proj': rank "
+            rf"r={r!r} is invalid; r must be an integer of at least 1"
+        ),
+    ):
         add_lora(copy.deepcopy(tiny), ["q_proj"], r=r)
 
 
 def test_rank_above_min_dims(tiny):
     # k_proj is (16, 32): 2 key-value heads of 8
-    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.k_proj': rank r=17 exceeds min\(d_in, d_out\) = min\(32, 16\) = 16.*1 <= r <= 16"):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"'model.layers.0.self_attn.k_proj': rank r=17 exceeds "
+            r"min\(d_in, d_out\) = min\(32, 16\) = 16.*1 <= r <= 16"
+        ),
+    ):
         add_lora(copy.deepcopy(tiny), ["k_proj"], r=17)
 
 
@@ -352,11 +394,20 @@ def test_dropout_out_of_range():
 
 
 def test_targets_that_match_nothing_list_the_linear_modules(tiny):
-    with pytest.raises(ValueError, match=r"targets \['qproj'\] match no Linear module of LlamaForCausalLM; the model has 15 Linear modules, "
-                                         r"named \.\.\.down_proj, \.\.\.gate_proj, \.\.\.k_proj, \.\.\.lm_head, .*\.\.\.v_proj"):
+    with pytest.raises(
+        ValueError,
+        match=r"targets \['qproj'\] match no Linear module of LlamaForCausalLM; the model has 15 Linear modules, "
+        r"named \.\.\.down_proj, \.\.\.gate_proj, \.\.\.k_proj, \.\.\.lm_head, .*\.\.\.v_proj",
+    ):
         add_lora(copy.deepcopy(tiny), ["q_proj", "qproj"])
     small = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match=r"targets \['1'\] match no Linear module of Sequential \(matched non-Linear modules: 1 \(ReLU\)\); the Linear modules are: 0, 2"):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"targets \['1'\] match no Linear module of Sequential \(matched "
+            r"non-Linear modules: 1 \(ReLU\)\); the Linear modules are: 0, 2"
+        ),
+    ):
         add_lora(small, ["1"])
     with pytest.raises(ValueError, match=r"targets=\[\] is invalid; give module name suffixes"):
         add_lora(small, [])
@@ -366,10 +417,18 @@ def test_adding_twice_merging_twice_unmerging_unmerged(tiny):
     model = add_lora(copy.deepcopy(tiny), ["q_proj"], r=2)
     with pytest.raises(ValueError, match="already has LoRA layers; call unload_lora"):
         add_lora(model, ["v_proj"])
-    with pytest.raises(RuntimeError, match=r"unmerge_lora: 2 LoRA layers are not merged \(e.g. 'model.layers.0.self_attn.q_proj'\)"):
+    with pytest.raises(
+        RuntimeError, match=r"unmerge_lora: 2 LoRA layers are not merged \(e.g. 'model.layers.0.self_attn.q_proj'\)"
+    ):
         unmerge_lora(model)
     merge_lora(model)
-    with pytest.raises(RuntimeError, match=r"merge_lora: 2 LoRA layers are already merged \(e.g. 'model.layers.0.self_attn.q_proj'\); call unmerge_lora"):
+    with pytest.raises(
+        RuntimeError,
+        match=(
+            r"merge_lora: 2 LoRA layers are already merged \(e.g. "
+            r"'model.layers.0.self_attn.q_proj'\); call unmerge_lora"
+        ),
+    ):
         merge_lora(model)
     layer = lora_layers(model)["model.layers.0.self_attn.q_proj"]
     with pytest.raises(RuntimeError, match=r"LoRA layer on Linear\(32 -> 32\) is already merged"):

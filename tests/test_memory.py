@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-
 from tiny_models import tiny_llama
 
 from lorakit.lora import LLAMA_PROJECTIONS
@@ -43,7 +42,9 @@ def peft_lora(model, rank, targets):
     """peft's LoRA: the ledger and estimator cross-checked on the production library's layers too."""
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), lora_dropout=0.0))
+    return get_peft_model(
+        model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), lora_dropout=0.0)
+    )
 
 
 def within(estimated, measured, tol):
@@ -150,8 +151,9 @@ def test_estimator_matches_ledger_on_a_tiny_llama(method, targets):
         model = peft_lora(model, 4, targets)
     trainable = [p for p in model.parameters() if p.requires_grad]
     ledger = memory_ledger(model, lm_batch(2, 32), torch.optim.AdamW(trainable, lr=1e-3))
-    est = estimate_memory(model.config, method, dtype="float32", rank=4, targets=targets or "all",
-                          batch_size=2, seq_len=32)
+    est = estimate_memory(
+        model.config, method, dtype="float32", rank=4, targets=targets or "all", batch_size=2, seq_len=32
+    )
     assert within(est.weight_bytes, ledger.weight_bytes, 0.05)
     assert within(est.gradients, ledger.gradients, 0.05)
     assert within(est.optimizer_state, ledger.optimizer_state, 0.05)
@@ -174,8 +176,7 @@ def test_estimator_matches_ledger_on_smollm2(smollm2, method):
     if method in ("lora", "qlora"):
         add_lora(model, list(targets), r=8, alpha=16)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    ledger = memory_ledger(model, lm_batch(1, 64, vocab=model.config.vocab_size),
-                           torch.optim.AdamW(trainable, lr=1e-5))
+    ledger = memory_ledger(model, lm_batch(1, 64, vocab=model.config.vocab_size), torch.optim.AdamW(trainable, lr=1e-5))
     est = estimate_memory(model.config, method, dtype="float32", rank=8, targets=targets, batch_size=1, seq_len=64)
     assert within(est.weight_bytes, ledger.weight_bytes, 0.05)
     assert within(est.gradients, ledger.gradients, 0.05)
@@ -226,9 +227,15 @@ def test_llama_shapes_count_like_transformers(size):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     s = LLAMA[size]
-    cfg = LlamaConfig(vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
-                      num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
-                      num_key_value_heads=s.num_kv_heads, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=s.vocab_size,
+        hidden_size=s.hidden_size,
+        intermediate_size=s.intermediate_size,
+        num_hidden_layers=s.num_layers,
+        num_attention_heads=s.num_heads,
+        num_key_value_heads=s.num_kv_heads,
+        tie_word_embeddings=False,
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     assert s.n_params == sum(p.numel() for p in model.parameters())
@@ -303,8 +310,12 @@ def test_calculator_widget_is_check_fit():
     from lorakit.widgets.memory import MemoryCalculator
 
     calc = MemoryCalculator(model="7B", method="qlora", bits=4, gpu_gb=8)
-    assert calc.result.fits == check_fit(8, model="7B", method="qlora", bits=4, rank=64, batch_size=1,
-                                         seq_len=512, gradient_checkpointing=True).fits
+    assert (
+        calc.result.fits
+        == check_fit(
+            8, model="7B", method="qlora", bits=4, rank=64, batch_size=1, seq_len=512, gradient_checkpointing=True
+        ).fits
+    )
     calc.controls["model"].value = "65B"  # observers call update()
     assert calc.result is not None and not calc.result.fits
     calc.controls["gpu_gb"].value = 48

@@ -77,8 +77,9 @@ def test_greedy_default_equals_transformers_greedy(tiny, tok):
 def test_sampling_equals_transformers_sampling_under_the_same_seed(tiny, tok):
     settings = dict(temperature=0.7, top_p=0.9, repetition_penalty=1.2)
     ours = generate(tiny, tok, "to be", 16, chat=False, num_samples=3, seed=5, **settings)
-    reference = transformers_generate(tiny, tok, "to be", seed=5, max_new_tokens=16, do_sample=True, top_k=0,
-                                      num_return_sequences=3, **settings)
+    reference = transformers_generate(
+        tiny, tok, "to be", seed=5, max_new_tokens=16, do_sample=True, top_k=0, num_return_sequences=3, **settings
+    )
     assert ours == reference
     assert len(set(ours)) > 1  # three different samples
 
@@ -94,7 +95,9 @@ def test_sampling_is_seeded_and_leaves_the_global_random_state_alone(tiny, tok):
 
 def test_a_tiny_nucleus_keeps_only_the_top_token_so_sampling_becomes_greedy(tiny, tok):
     greedy = generate(tiny, tok, "to be", 16, chat=False)
-    assert generate(tiny, tok, "to be", 16, chat=False, temperature=1.0, top_p=1e-6, num_samples=3, seed=0) == [greedy] * 3
+    assert (
+        generate(tiny, tok, "to be", 16, chat=False, temperature=1.0, top_p=1e-6, num_samples=3, seed=0) == [greedy] * 3
+    )
     assert greedy not in generate(tiny, tok, "to be", 16, chat=False, temperature=1.0, num_samples=3, seed=0)
 
 
@@ -102,8 +105,10 @@ def test_repetition_penalty_breaks_a_greedy_loop(tiny, tok):
     looped = generate(tiny, tok, "to be", 40, chat=False)
     penalized = generate(tiny, tok, "to be", 40, chat=False, repetition_penalty=3.0)
     assert len(set(penalized)) > len(set(looped))  # more distinct characters once repeats are penalized
-    assert penalized == transformers_generate(tiny, tok, "to be", max_new_tokens=40, do_sample=False,
-                                              repetition_penalty=3.0)[0]
+    assert (
+        penalized
+        == transformers_generate(tiny, tok, "to be", max_new_tokens=40, do_sample=False, repetition_penalty=3.0)[0]
+    )
 
 
 def test_generation_stops_at_the_tokenizers_eos(tok):
@@ -124,8 +129,9 @@ def test_generation_stops_at_the_tokenizers_eos(tok):
 
 def test_chat_prompt_is_exactly_what_generate_feeds_the_model(tiny, tok):
     text = chat_prompt(tok, "hi there")
-    assert text == tok.apply_chat_template([{"role": "user", "content": "hi there"}], tokenize=False,
-                                           add_generation_prompt=True)
+    assert text == tok.apply_chat_template(
+        [{"role": "user", "content": "hi there"}], tokenize=False, add_generation_prompt=True
+    )
     assert "hi there" in text and text != "hi there"
     assert generate(tiny, tok, "hi there", 12) == generate(tiny, tok, text, 12, chat=False)
     plain = char_tokenizer()  # a base model's tokenizer: no template, the prompt goes in as it is
@@ -169,8 +175,14 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").warning("a genuine bitsandbyt
 
 
 def stderr_of(script: str) -> str:
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=False,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+    )
     assert done.returncode == 0, done.stderr
     return done.stderr
 
@@ -204,7 +216,7 @@ def test_the_warning_filter_matches_one_message_from_one_module(tiny):
         warnings.simplefilter("always")
         _quiet.install()
         assert tiny.is_gradient_checkpointing is False  # transformers' deprecated alias, which peft reads
-        warnings.warn("`is_gradient_checkpointing` is deprecated (from this test module)", FutureWarning)
+        warnings.warn("`is_gradient_checkpointing` is deprecated (from this test module)", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["`is_gradient_checkpointing` is deprecated (from this test module)"]
 
 
@@ -225,4 +237,7 @@ def test_smollm2_answers_greedily_and_samples_reproducibly(smollm2):
     assert "Paris" in generate(model, tokenizer, "What is the capital of France?", 12)
     samples = generate(model, tokenizer, "ROMEO:", 12, chat=False, temperature=0.8, top_p=0.95, num_samples=2, seed=0)
     assert len(set(samples)) == 2
-    assert generate(model, tokenizer, "ROMEO:", 12, chat=False, temperature=0.8, top_p=0.95, num_samples=2, seed=0) == samples
+    assert (
+        generate(model, tokenizer, "ROMEO:", 12, chat=False, temperature=0.8, top_p=0.95, num_samples=2, seed=0)
+        == samples
+    )

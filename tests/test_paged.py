@@ -13,8 +13,9 @@ from lorakit.paged import PagedOptimizer
 
 def make_model(seed=0):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(48, 200), torch.nn.GELU(), torch.nn.Linear(200, 7),
-                               torch.nn.LayerNorm(7))
+    return torch.nn.Sequential(
+        torch.nn.Linear(48, 200), torch.nn.GELU(), torch.nn.Linear(200, 7), torch.nn.LayerNorm(7)
+    )
 
 
 def train(model, opt, steps, seed=1):
@@ -35,8 +36,12 @@ def test_adamw_bit_identical_for_any_budget(tmp_path, budget_pages, steps):
     ref, paged = make_model(), make_model()
     hyper = dict(lr=3e-2, betas=(0.8, 0.95), weight_decay=0.1)
     opt_ref = torch.optim.AdamW(ref.parameters(), **hyper)
-    opt = PagedOptimizer(torch.optim.AdamW(paged.parameters(), **hyper), budget_bytes=budget_pages * PAGE,
-                         page_bytes=PAGE, page_dir=str(tmp_path))
+    opt = PagedOptimizer(
+        torch.optim.AdamW(paged.parameters(), **hyper),
+        budget_bytes=budget_pages * PAGE,
+        page_bytes=PAGE,
+        page_dir=str(tmp_path),
+    )
     train(ref, opt_ref, steps)
     train(paged, opt, steps)
     for a, b in zip(ref.parameters(), paged.parameters()):
@@ -53,16 +58,22 @@ def test_adamw_bit_identical_for_any_budget(tmp_path, budget_pages, steps):
     opt.close()
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True),
-    lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, dampening=0.1),
-    lambda ps: torch.optim.AdamW([{"params": ps[:2], "lr": 1e-2}, {"params": ps[2:], "lr": 1e-3, "weight_decay": 0}]),
-])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True),
+        lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, dampening=0.1),
+        lambda ps: torch.optim.AdamW(
+            [{"params": ps[:2], "lr": 1e-2}, {"params": ps[2:], "lr": 1e-3, "weight_decay": 0}]
+        ),
+    ],
+)
 def test_other_optimizers_and_param_groups_bit_identical(tmp_path, make_opt):
     ref, paged = make_model(), make_model()
     opt_ref = make_opt(list(ref.parameters()))
-    opt = PagedOptimizer(make_opt(list(paged.parameters())), budget_bytes=2 * PAGE, page_bytes=PAGE,
-                         page_dir=str(tmp_path))
+    opt = PagedOptimizer(
+        make_opt(list(paged.parameters())), budget_bytes=2 * PAGE, page_bytes=PAGE, page_dir=str(tmp_path)
+    )
     train(ref, opt_ref, 3)
     train(paged, opt, 3)
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), paged.parameters()))
@@ -74,8 +85,9 @@ def test_parameters_without_grad_are_skipped_like_torch(tmp_path):
     for m in (ref, paged):
         m[0].bias.requires_grad_(False)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    opt = PagedOptimizer(torch.optim.AdamW(paged.parameters(), lr=1e-2), budget_bytes=PAGE, page_bytes=PAGE,
-                         page_dir=str(tmp_path))
+    opt = PagedOptimizer(
+        torch.optim.AdamW(paged.parameters(), lr=1e-2), budget_bytes=PAGE, page_bytes=PAGE, page_dir=str(tmp_path)
+    )
     train(ref, opt_ref, 2)
     train(paged, opt, 2)
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), paged.parameters()))
@@ -84,8 +96,12 @@ def test_parameters_without_grad_are_skipped_like_torch(tmp_path):
 
 def test_a_page_dir_that_is_not_a_folder_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="page_dir=.*missing.* is not a folder"):
-        PagedOptimizer(torch.optim.AdamW(make_model().parameters()), budget_bytes=PAGE, page_bytes=PAGE,
-                       page_dir=str(tmp_path / "missing"))
+        PagedOptimizer(
+            torch.optim.AdamW(make_model().parameters()),
+            budget_bytes=PAGE,
+            page_bytes=PAGE,
+            page_dir=str(tmp_path / "missing"),
+        )
 
 
 def test_budget_smaller_than_one_page_is_an_error():
@@ -106,8 +122,9 @@ def test_unsupported_optimizer_and_started_optimizer_are_errors():
 
 def test_page_file_lives_on_disk_and_is_removed_on_close(tmp_path):
     model = make_model()
-    opt = PagedOptimizer(torch.optim.AdamW(model.parameters()), budget_bytes=PAGE, page_bytes=PAGE,
-                         page_dir=str(tmp_path))
+    opt = PagedOptimizer(
+        torch.optim.AdamW(model.parameters()), budget_bytes=PAGE, page_bytes=PAGE, page_dir=str(tmp_path)
+    )
     assert os.path.dirname(opt.path) == str(tmp_path) and os.path.getsize(opt.path) == opt.state_bytes()
     train(model, opt, 1)
     opt.close()
@@ -119,8 +136,9 @@ def test_page_file_lives_on_disk_and_is_removed_on_close(tmp_path):
 
 def test_page_file_is_removed_on_garbage_collection(tmp_path):
     model = make_model()
-    opt = PagedOptimizer(torch.optim.AdamW(model.parameters()), budget_bytes=PAGE, page_bytes=PAGE,
-                         page_dir=str(tmp_path))
+    opt = PagedOptimizer(
+        torch.optim.AdamW(model.parameters()), budget_bytes=PAGE, page_bytes=PAGE, page_dir=str(tmp_path)
+    )
     train(model, opt, 1)
     assert len(list(tmp_path.iterdir())) == 1
     del opt
@@ -130,8 +148,9 @@ def test_page_file_is_removed_on_garbage_collection(tmp_path):
 
 def test_a_failed_step_leaves_no_page_file(tmp_path):
     model = make_model()
-    opt = PagedOptimizer(torch.optim.AdamW(model.parameters()), budget_bytes=PAGE, page_bytes=PAGE,
-                         page_dir=str(tmp_path))
+    opt = PagedOptimizer(
+        torch.optim.AdamW(model.parameters()), budget_bytes=PAGE, page_bytes=PAGE, page_dir=str(tmp_path)
+    )
     train(model, opt, 1)
     groups = [list(g["params"]) for g in opt.param_groups]
     real_step, calls = opt.optimizer.step, []
@@ -154,8 +173,9 @@ def test_ledger_reports_paged_state(tmp_path):
     from lorakit.memory import memory_ledger
 
     model = make_model()
-    opt = PagedOptimizer(torch.optim.AdamW(model.parameters()), budget_bytes=PAGE, page_bytes=PAGE,
-                         page_dir=str(tmp_path))
+    opt = PagedOptimizer(
+        torch.optim.AdamW(model.parameters()), budget_bytes=PAGE, page_bytes=PAGE, page_dir=str(tmp_path)
+    )
     ledger = memory_ledger(model, {"x": torch.randn(4, 48)}, opt, loss_fn=lambda m, b: m(b["x"]).sum())
     n = sum(p.numel() for p in model.parameters())
     assert ledger.optimizer_state == opt.state_bytes() >= 8 * n
@@ -190,8 +210,9 @@ def test_resident_peak_counts_only_resident_pages(tmp_path):
     from lorakit.memory import memory_ledger, resident_peak
 
     model, ref = make_model(), make_model()
-    opt = PagedOptimizer(torch.optim.AdamW(model.parameters()), budget_bytes=2 * PAGE, page_bytes=PAGE,
-                         page_dir=str(tmp_path))
+    opt = PagedOptimizer(
+        torch.optim.AdamW(model.parameters()), budget_bytes=2 * PAGE, page_bytes=PAGE, page_dir=str(tmp_path)
+    )
     ref_opt = torch.optim.AdamW(ref.parameters())
     batch, loss = {"x": torch.randn(4, 48)}, (lambda m, b: m(b["x"]).sum())
     paged, plain = memory_ledger(model, batch, opt, loss_fn=loss), memory_ledger(ref, batch, ref_opt, loss_fn=loss)
@@ -204,8 +225,9 @@ def test_resident_peak_counts_only_resident_pages(tmp_path):
 def test_it_is_an_optimizer_that_lr_schedulers_drive(tmp_path):
     ref, paged = make_model(), make_model()
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=3e-2)
-    opt = PagedOptimizer(torch.optim.AdamW(paged.parameters(), lr=3e-2), budget_bytes=2 * PAGE, page_bytes=PAGE,
-                         page_dir=str(tmp_path))
+    opt = PagedOptimizer(
+        torch.optim.AdamW(paged.parameters(), lr=3e-2), budget_bytes=2 * PAGE, page_bytes=PAGE, page_dir=str(tmp_path)
+    )
     assert isinstance(opt, torch.optim.Optimizer)
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (s + 1)) for o in (opt_ref, opt)]
     for _ in range(3):
@@ -223,8 +245,9 @@ def test_state_dict_is_the_wrapped_optimizers_and_loads_back(tmp_path):
     hyper = dict(lr=3e-2, weight_decay=0.1)
     ref, paged = make_model(), make_model()
     opt_ref = torch.optim.AdamW(ref.parameters(), **hyper)
-    opt = PagedOptimizer(torch.optim.AdamW(paged.parameters(), **hyper), budget_bytes=2 * PAGE, page_bytes=PAGE,
-                         page_dir=str(tmp_path))
+    opt = PagedOptimizer(
+        torch.optim.AdamW(paged.parameters(), **hyper), budget_bytes=2 * PAGE, page_bytes=PAGE, page_dir=str(tmp_path)
+    )
     train(ref, opt_ref, 3)
     train(paged, opt, 3)
     saved, expected = opt.state_dict(), opt_ref.state_dict()
@@ -236,8 +259,9 @@ def test_state_dict_is_the_wrapped_optimizers_and_loads_back(tmp_path):
     # a fresh paged optimizer, loaded from the plain one's state, continues exactly as the plain one does
     resumed = make_model()
     resumed.load_state_dict(ref.state_dict())
-    opt_resumed = PagedOptimizer(torch.optim.AdamW(resumed.parameters(), **hyper), budget_bytes=3 * PAGE,
-                                 page_bytes=PAGE, page_dir=str(tmp_path))
+    opt_resumed = PagedOptimizer(
+        torch.optim.AdamW(resumed.parameters(), **hyper), budget_bytes=3 * PAGE, page_bytes=PAGE, page_dir=str(tmp_path)
+    )
     opt_resumed.load_state_dict(expected)
     train(ref, opt_ref, 2, seed=5)
     train(resumed, opt_resumed, 2, seed=5)
@@ -259,8 +283,12 @@ def test_adamw8bit_paged_is_bit_identical_and_checkpoints_in_its_own_format(tmp_
 
     ref, paged = make_model(), make_model()
     opt_ref = AdamW8bit(ref.parameters(), lr=3e-2, weight_decay=0.1)
-    opt = PagedOptimizer(AdamW8bit(paged.parameters(), lr=3e-2, weight_decay=0.1),
-                         budget_bytes=budget_pages * PAGE, page_bytes=PAGE, page_dir=str(tmp_path))
+    opt = PagedOptimizer(
+        AdamW8bit(paged.parameters(), lr=3e-2, weight_decay=0.1),
+        budget_bytes=budget_pages * PAGE,
+        page_bytes=PAGE,
+        page_dir=str(tmp_path),
+    )
     segments = {id(p): [s for s in opt._segments if s.param is p] for p in paged.parameters()}
     big = next(p for p in paged.parameters() if p.numel() >= opt_ref.min_8bit_size)
     assert len(segments[id(big)]) > 1 and all(s.start % 256 == 0 for s in segments[id(big)])
@@ -276,8 +304,12 @@ def test_adamw8bit_paged_is_bit_identical_and_checkpoints_in_its_own_format(tmp_
             assert torch.equal(torch.as_tensor(saved["state"][i][name]), torch.as_tensor(value)), (i, name)
     resumed = make_model()
     resumed.load_state_dict(ref.state_dict())
-    opt_resumed = PagedOptimizer(AdamW8bit(resumed.parameters(), lr=3e-2, weight_decay=0.1),
-                                 budget_bytes=budget_pages * PAGE, page_bytes=PAGE, page_dir=str(tmp_path))
+    opt_resumed = PagedOptimizer(
+        AdamW8bit(resumed.parameters(), lr=3e-2, weight_decay=0.1),
+        budget_bytes=budget_pages * PAGE,
+        page_bytes=PAGE,
+        page_dir=str(tmp_path),
+    )
     opt_resumed.load_state_dict(expected)
     train(ref, opt_ref, 2, seed=5)
     train(resumed, opt_resumed, 2, seed=5)

@@ -29,7 +29,10 @@ def test_environment_overrides_and_bad_names_are_refused(monkeypatch):
 
 
 def test_native_bf16_check_matches_torch():
-    flags = [getattr(torch.cpu, name)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-             if hasattr(torch.cpu, name)]
+    flags = [
+        getattr(torch.cpu, name)()
+        for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        if hasattr(torch.cpu, name)
+    ]
     assert flags, "torch.cpu no longer reports AMX / AVX512-BF16: cpu_has_native_bf16 would always say False"
     assert runtime.cpu_has_native_bf16() == any(flags)

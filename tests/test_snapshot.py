@@ -22,7 +22,10 @@ def w():
 
 
 def test_figure_png_is_a_png_that_depends_only_on_the_figure():
-    first, second = figure_png(text_figure("a = 1\nb = 2", title="t")), figure_png(text_figure("a = 1\nb = 2", title="t"))
+    first, second = (
+        figure_png(text_figure("a = 1\nb = 2", title="t")),
+        figure_png(text_figure("a = 1\nb = 2", title="t")),
+    )
     assert first.startswith(PNG_MAGIC) and first == second
     assert b"matplotlib version" not in first  # no version stamp: the bytes do not change with an upgrade's metadata
     assert figure_png(text_figure("a = 1\nb = 3", title="t")) != first
@@ -42,7 +45,9 @@ def test_tradeoff_figure_shows_the_levels_and_every_width(w):
     assert len(levels.get_segments()) == codebook("nf", 3).numel() == 8
     curve = curve_ax.lines[0]
     expected = tradeoff_curve(w, "nf", 64)
-    assert list(curve.get_xdata()) == [t.bits_per_parameter for t in expected.values()] == [b + 0.5 for b in range(2, 9)]
+    assert (
+        list(curve.get_xdata()) == [t.bits_per_parameter for t in expected.values()] == [b + 0.5 for b in range(2, 9)]
+    )
     assert list(curve.get_ydata()) == [t.relative_error for t in expected.values()]
     chosen = curve_ax.lines[1]
     assert list(chosen.get_ydata()) == [quantization_tradeoff(w, "nf", 3, 64).relative_error]
@@ -99,7 +104,10 @@ def test_rank_control_shows_the_report_and_its_picture():
     assert control.png() == figure_png(rank_figure(s, 60, 40, 5)) != figure_png(rank_figure(s, 60, 40, 2))
     fig = rank_figure(s, 60, 40, 8)
     curve, marker = fig.axes[0].lines
-    assert curve.get_ydata()[7] == pytest.approx(0, abs=1e-6) and marker.get_ydata()[0] == rank_report(s, 60, 40, 8).rel_error
+    assert (
+        curve.get_ydata()[7] == pytest.approx(0, abs=1e-6)
+        and marker.get_ydata()[0] == rank_report(s, 60, 40, 8).rel_error
+    )
     assert list(curve.get_ydata()[:3]) == pytest.approx([rank_report(s, 60, 40, r).rel_error for r in (1, 2, 3)])
 
 
@@ -115,8 +123,14 @@ def test_memory_calculator_pictures_its_verdict():
     fig = fit_figure(calc.result)
     bars = [p.get_width() for p in fig.axes[0].patches]
     assert sum(bars) == pytest.approx(calc.result.estimate.total / 1e9)
-    assert fig.axes[0].get_title() == str(check_fit(24, model="7B", method="qlora", bits=4, rank=64, batch_size=1,
-                                                    seq_len=512, gradient_checkpointing=True)).splitlines()[0]
+    assert (
+        fig.axes[0].get_title()
+        == str(
+            check_fit(
+                24, model="7B", method="qlora", bits=4, rank=64, batch_size=1, seq_len=512, gradient_checkpointing=True
+            )
+        ).splitlines()[0]
+    )
     calc.controls["method"].value = "full"
     calc.controls["bits"].value = 4  # impossible: the picture shows why
     assert calc.result is None and calc.png() == figure_png(text_figure(f"cannot estimate: {calc.error}"))

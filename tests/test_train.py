@@ -71,8 +71,9 @@ def test_a_killed_run_resumes_to_the_same_losses(tmp_path, optimizer):
     whole = train(tiny_llama(), tiny_blocks(), tiny_blocks(8), dataclasses.replace(UNSTOPPED, optimizer=optimizer))
     # a killed process cannot remove its page file (paged optimizers): keep it in pytest's folder, not in /tmp
     env = {**os.environ, "TMPDIR": str(tmp_path)}
-    crashed = subprocess.run([sys.executable, str(SCRIPT), str(killed), "--kill-at", "5", "--optimizer", optimizer],
-                             env=env)
+    crashed = subprocess.run(
+        [sys.executable, str(SCRIPT), str(killed), "--kill-at", "5", "--optimizer", optimizer], env=env
+    )
     assert crashed.returncode == -9  # SIGKILL: no cleanup ran
     state = torch.load(killed / CHECKPOINT, weights_only=False)
     assert state["step"] == 4  # the last checkpoint before the kill (every 2 steps)
@@ -108,11 +109,13 @@ def test_keyboard_interrupt_keeps_the_last_step_and_resumes(tmp_path):
 def test_a_checkpoint_of_other_settings_is_refused_naming_them(tmp_path):
     train(tiny_llama(), tiny_blocks(), tiny_blocks(8), dataclasses.replace(CONFIG, steps=2), checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match=r"other settings \(steps 2 -> 10, lr 0.003 -> 0.01\)"):
-        train(tiny_llama(), tiny_blocks(), tiny_blocks(8), dataclasses.replace(CONFIG, lr=1e-2),
-              checkpoint_dir=tmp_path)
+        train(
+            tiny_llama(), tiny_blocks(), tiny_blocks(8), dataclasses.replace(CONFIG, lr=1e-2), checkpoint_dir=tmp_path
+        )
     with pytest.raises(ValueError, match=r"data \[24, 16\] -> \[20, 16\]"):
-        train(tiny_llama(), tiny_blocks(20), tiny_blocks(8), dataclasses.replace(CONFIG, steps=2),
-              checkpoint_dir=tmp_path)
+        train(
+            tiny_llama(), tiny_blocks(20), tiny_blocks(8), dataclasses.replace(CONFIG, steps=2), checkpoint_dir=tmp_path
+        )
 
 
 def test_settings_it_would_ignore_are_refused():
@@ -129,8 +132,9 @@ def test_settings_it_would_ignore_are_refused():
 
 
 def test_a_diverging_run_stops_before_the_bad_update_and_keeps_the_last_checkpoint(tmp_path):
-    config = TrainConfig(steps=6, lr=1e30, warmup_steps=1, batch_size=4, checkpoint_every=1, max_grad_norm=None,
-                         progress=False)
+    config = TrainConfig(
+        steps=6, lr=1e30, warmup_steps=1, batch_size=4, checkpoint_every=1, max_grad_norm=None, progress=False
+    )
     result = train(tiny_llama(), tiny_blocks(), tiny_blocks(8), config, checkpoint_dir=tmp_path)
     assert result.diverged is not None and not result.interrupted
     assert result.diverged["step"] == result.step + 1 <= config.steps  # the step that was not taken
@@ -204,7 +208,9 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch
 def test_gradient_checkpointing_gives_the_same_losses():
     config = TrainConfig(steps=3, batch_size=4, progress=False)
     plain = train(tiny_llama(), tiny_blocks(), config=config)
-    recomputed = train(tiny_llama(), tiny_blocks(), config=TrainConfig(**{**config.__dict__, "gradient_checkpointing": True}))
+    recomputed = train(
+        tiny_llama(), tiny_blocks(), config=TrainConfig(**{**config.__dict__, "gradient_checkpointing": True})
+    )
     assert recomputed.losses == pytest.approx(plain.losses, rel=1e-5)
 
 

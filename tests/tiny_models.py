@@ -17,17 +17,29 @@ ALL_PROJ = list(LLAMA_PROJECTIONS)
 
 
 def tiny_llama(
-    seed: int = 0, hidden_size: int = 32, intermediate_size: int = 48, *, vocab_size: int = 64,
-    num_hidden_layers: int = 2, tie_word_embeddings: bool = True, eval_mode: bool = True, **config,
+    seed: int = 0,
+    hidden_size: int = 32,
+    intermediate_size: int = 48,
+    *,
+    vocab_size: int = 64,
+    num_hidden_layers: int = 2,
+    tie_word_embeddings: bool = True,
+    eval_mode: bool = True,
+    **config,
 ):
     """A random ``LlamaForCausalLM`` (seeded); ``config`` passes further ``LlamaConfig`` fields
     (e.g. ``attention_dropout``). In eval mode unless ``eval_mode=False``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     settings = dict(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=64, tie_word_embeddings=tie_word_embeddings,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie_word_embeddings,
     )
     settings.update(config)
     torch.manual_seed(seed)
@@ -90,8 +102,17 @@ def tiny_t5(seed: int = 0):
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
-                      decoder_start_token_id=0, pad_token_id=0)
+    config = T5Config(
+        vocab_size=64,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
     return T5ForConditionalGeneration(config).eval()
 
 
@@ -100,10 +121,25 @@ def tiny_whisper(seed: int = 0):
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     torch.manual_seed(seed)
-    config = WhisperConfig(vocab_size=64, num_mel_bins=8, d_model=64, encoder_layers=1, decoder_layers=1,
-                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                           max_source_positions=16, max_target_positions=16, pad_token_id=0, bos_token_id=1,
-                           eos_token_id=2, decoder_start_token_id=1, suppress_tokens=None, begin_suppress_tokens=None)
+    config = WhisperConfig(
+        vocab_size=64,
+        num_mel_bins=8,
+        d_model=64,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_source_positions=16,
+        max_target_positions=16,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+    )
     return WhisperForConditionalGeneration(config).eval()
 
 

@@ -36,8 +36,16 @@ def tiny_blocks(n: int = 24, seq_len: int = 16) -> torch.Tensor:
 
 
 # page_budget_bytes: two pages of 4 KiB, so the paged optimizers really page the tiny model's state
-CONFIG = TrainConfig(steps=10, lr=3e-3, batch_size=4, grad_accum=2, warmup_steps=2, checkpoint_every=2,
-                     page_budget_bytes=8192, progress=False)
+CONFIG = TrainConfig(
+    steps=10,
+    lr=3e-3,
+    batch_size=4,
+    grad_accum=2,
+    warmup_steps=2,
+    checkpoint_every=2,
+    page_budget_bytes=8192,
+    progress=False,
+)
 UNSTOPPED = dataclasses.replace(CONFIG, checkpoint_every=0)  # the same run without checkpoints
 
 if __name__ == "__main__":

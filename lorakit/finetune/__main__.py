@@ -25,10 +25,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description="Fine-tune SmolLM2 with full, LoRA or QLoRA.")
     p.add_argument("--method", default=d.method, help=f"one of {', '.join(METHODS)} (default {d.method})")
     p.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank r (default {d.rank})")
-    p.add_argument("--alpha", type=float, default=d.alpha, help=f"LoRA alpha; scaling = alpha / r (default {d.alpha:g})")
+    p.add_argument(
+        "--alpha", type=float, default=d.alpha, help=f"LoRA alpha; scaling = alpha / r (default {d.alpha:g})"
+    )
     p.add_argument("--bits", type=int, default=d.bits, help=f"QLoRA base-weight bits, one of {BITS} (default {d.bits})")
-    p.add_argument("--kind", default=d.kind,
-                   help=f"QLoRA codebook family, one of {', '.join(KINDS)} (default {d.kind}; with --bits 4: NF4)")
+    p.add_argument(
+        "--kind",
+        default=d.kind,
+        help=f"QLoRA codebook family, one of {', '.join(KINDS)} (default {d.kind}; with --bits 4: NF4)",
+    )
     p.add_argument("--quant-type", dest="kind", help=argparse.SUPPRESS)  # the old name of --kind
     p.add_argument("--blocksize", type=int, default=d.blocksize)
     p.add_argument("--no-double-quant", action="store_true", help="keep the absmax constants in float32")
@@ -46,8 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default=d.backend, help=f"one of {', '.join(BACKENDS)} (default {d.backend})")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the CPU)")
     p.add_argument("--out", required=True, help="output folder for run.json, checkpoints, the adapter and metrics.json")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a lorakit run in --out (never other files: a folder holding those is refused)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a lorakit run in --out (never other files: a folder holding those is refused)",
+    )
     p.add_argument("--force", action="store_true", help="train even when the memory estimate exceeds the free memory")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="show an error's traceback (lorakit.runtime.run_main)")
@@ -57,19 +65,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     config = FinetuneConfig(
-        method=a.method, rank=a.rank, alpha=a.alpha, bits=a.bits, kind=a.kind, blocksize=a.blocksize,
-        double_quant=not a.no_double_quant, steps=a.steps, lr=a.lr, optimizer=a.optimizer, batch_size=a.batch_size,
-        grad_accum=a.grad_accum, seq_len=a.seq_len, eval_blocks=a.eval_blocks, train_blocks=a.train_blocks,
-        corpus=a.corpus, gradient_checkpointing=a.gradient_checkpointing, seed=a.seed, backend=a.backend,
+        method=a.method,
+        rank=a.rank,
+        alpha=a.alpha,
+        bits=a.bits,
+        kind=a.kind,
+        blocksize=a.blocksize,
+        double_quant=not a.no_double_quant,
+        steps=a.steps,
+        lr=a.lr,
+        optimizer=a.optimizer,
+        batch_size=a.batch_size,
+        grad_accum=a.grad_accum,
+        seq_len=a.seq_len,
+        eval_blocks=a.eval_blocks,
+        train_blocks=a.train_blocks,
+        corpus=a.corpus,
+        gradient_checkpointing=a.gradient_checkpointing,
+        seed=a.seed,
+        backend=a.backend,
     )
     try:
-        result = finetune(config, out=a.out, overwrite=a.overwrite, device=a.device, progress=not a.no_progress,
-                          force=a.force)
+        result = finetune(
+            config, out=a.out, overwrite=a.overwrite, device=a.device, progress=not a.no_progress, force=a.force
+        )
     except RunComplete as done:
-        print(f"complete: the run in {a.out} has finished already ({summary(done.metrics)}); "
-              "its adapter and metrics.json are there. Use another --out, or --overwrite, to train again")
+        print(
+            f"complete: the run in {a.out} has finished already ({summary(done.metrics)}); "
+            "its adapter and metrics.json are there. Use another --out, or --overwrite, to train again"
+        )
         return 0
     m = result.metrics
+
     def ci(key: str) -> str:
         return f"  (95% CI {m[key][0]:.2f}-{m[key][1]:.2f})" if m.get(key) else ""
 
@@ -79,20 +106,31 @@ def main(argv: list[str] | None = None) -> int:
         change = 100 * (m["ppl_after"] / m["ppl_before"] - 1)
         print(f"held-out perplexity after:  {m['ppl_after']:.2f}{ci('ppl_after_ci')}  ({change:+.1f}%)")
     rate = f" ({m['seconds_per_step']:.2f} s/step)" if m["seconds_per_step"] else ""
-    print(f"{m['steps']} steps, {m['steps_this_process']} of them in this process in {m['seconds']:.1f} s{rate}; "
-          f"peak RSS {m['peak_rss_mb']:.0f} MB")
+    print(
+        f"{m['steps']} steps, {m['steps_this_process']} of them in this process in {m['seconds']:.1f} s{rate}; "
+        f"peak RSS {m['peak_rss_mb']:.0f} MB"
+    )
     share = 100 * m["trainable_params"] / m["total_params"]
-    print(f"trainable {m['trainable_params']:,} of {m['total_params']:,} parameters ({share:.2f}%); "
-          f"the base model has {m['base_params'] / 1e6:.1f} M")
+    print(
+        f"trainable {m['trainable_params']:,} of {m['total_params']:,} parameters ({share:.2f}%); "
+        f"the base model has {m['base_params'] / 1e6:.1f} M"
+    )
     if m["interrupted"]:
-        print("interrupted: no evaluation after training; "
-              "run the same command again to resume from the last checkpoint")
+        print(
+            "interrupted: no evaluation after training; run the same command again to resume from the last checkpoint"
+        )
     if m["diverged"]:
         d = m["diverged"]
-        kept = (f"the checkpoint of step {d['last_good_step']} stays in {a.out}/checkpoint" if d["last_good_step"]
-                else "no checkpoint was written before it")
-        print(f"{PROG}: diverged at step {d['step']}: {d['reason']}. No adapter was saved; {kept}; "
-              f"{a.out}/metrics.json records the divergence", file=sys.stderr)
+        kept = (
+            f"the checkpoint of step {d['last_good_step']} stays in {a.out}/checkpoint"
+            if d["last_good_step"]
+            else "no checkpoint was written before it"
+        )
+        print(
+            f"{PROG}: diverged at step {d['step']}: {d['reason']}. No adapter was saved; {kept}; "
+            f"{a.out}/metrics.json records the divergence",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

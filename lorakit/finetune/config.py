@@ -95,8 +95,9 @@ def check_settings(config: FinetuneConfig) -> None:
     check_optimizer(config.optimizer)
     if config.method != "full":
         if isinstance(config.rank, bool) or not isinstance(config.rank, int) or not 1 <= config.rank <= MAX_RANK:
-            raise ValueError(f"rank={config.rank!r} is not valid; "
-                             f"use an integer from 1 to {MAX_RANK} (1-64 is typical)")
+            raise ValueError(
+                f"rank={config.rank!r} is not valid; use an integer from 1 to {MAX_RANK} (1-64 is typical)"
+            )
         if not (isinstance(config.alpha, (int, float)) and math.isfinite(config.alpha) and config.alpha > 0):
             raise ValueError(f"alpha={config.alpha!r} is not valid; use a positive number (often 2 * rank)")
         targets = list(config.targets)
@@ -113,8 +114,10 @@ def check_settings(config: FinetuneConfig) -> None:
         if config.backend == "hf" and config.quant_type not in ("nf4", "fp4"):
             raise ValueError(f"backend='hf' (bitsandbytes) offers NF4 and FP4 only, not {config.quant_type}")
     if config.backend == "hf" and config.optimizer != "adamw":
-        raise ValueError(f"optimizer={config.optimizer!r} is lorakit's; backend='hf' trains with 'adamw' "
-                         "(use backend='lorakit' for the others)")
+        raise ValueError(
+            f"optimizer={config.optimizer!r} is lorakit's; backend='hf' trains with 'adamw' "
+            "(use backend='lorakit' for the others)"
+        )
     for name in ("steps", "batch_size", "grad_accum", "eval_blocks"):
         _int_at_least(name, getattr(config, name), 1)
     _int_at_least("seq_len", config.seq_len, 2, " (one input and one target token)")
@@ -123,8 +126,10 @@ def check_settings(config: FinetuneConfig) -> None:
         _int_at_least("train_blocks", config.train_blocks, 1, ", or None for the whole training split")
     lr = config.learning_rate
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr={lr!r} is not valid; use a finite positive learning rate "
-                         "(2e-4 is QLoRA's for LoRA, 2e-5 a usual one for full fine-tuning)")
+        raise ValueError(
+            f"lr={lr!r} is not valid; use a finite positive learning rate "
+            "(2e-4 is QLoRA's for LoRA, 2e-5 a usual one for full fine-tuning)"
+        )
 
 
 def model_config(name: str):
@@ -146,17 +151,21 @@ def check_model(config: FinetuneConfig, model_cfg) -> None:
 
     positions = getattr(model_cfg, "max_position_embeddings", None)
     if positions is not None and config.seq_len > positions:
-        raise ValueError(f"seq_len={config.seq_len} is not valid for {config.model}: it has "
-                         f"{positions} positions (max_position_embeddings); use a seq_len of at most {positions}")
+        raise ValueError(
+            f"seq_len={config.seq_len} is not valid for {config.model}: it has "
+            f"{positions} positions (max_position_embeddings); use a seq_len of at most {positions}"
+        )
     if config.method != "full":
         shapes = ModelShape.from_config(model_cfg).linear_shapes()  # {name: (d_out, d_in)}
         widths = {t: min(shapes[t]) for t in config.targets}
         narrowest = min(widths, key=widths.get)
         if config.rank > widths[narrowest]:
             d_out, d_in = shapes[narrowest]
-            raise ValueError(f"rank={config.rank} is not valid for {config.model}: LoRA on {narrowest} needs "
-                             f"r <= min(d_in, d_out) = min({d_in}, {d_out}) = {widths[narrowest]}; "
-                             f"use a rank from 1 to {widths[narrowest]}")
+            raise ValueError(
+                f"rank={config.rank} is not valid for {config.model}: LoRA on {narrowest} needs "
+                f"r <= min(d_in, d_out) = min({d_in}, {d_out}) = {widths[narrowest]}; "
+                f"use a rank from 1 to {widths[narrowest]}"
+            )
 
 
 def check_output(out: str | os.PathLike) -> Path:
@@ -166,8 +175,10 @@ def check_output(out: str | os.PathLike) -> Path:
     """
     folder = Path(out).expanduser()
     if folder.exists() and not folder.is_dir():
-        raise ValueError(f"output folder {str(out)!r} is not a folder (it is a file or a device); "
-                         "choose a new or empty folder for --out")
+        raise ValueError(
+            f"output folder {str(out)!r} is not a folder (it is a file or a device); "
+            "choose a new or empty folder for --out"
+        )
     existing = folder
     while not existing.exists():
         existing = existing.parent
@@ -176,8 +187,10 @@ def check_output(out: str | os.PathLike) -> Path:
     try:
         Path(tempfile.mkdtemp(prefix=".lorakit-probe-", dir=existing)).rmdir()
     except OSError as e:
-        raise ValueError(f"output folder {str(out)!r} cannot be created or written: {str(existing)!r} "
-                         f"refuses it ({e.strerror}); choose a folder you can write to") from None
+        raise ValueError(
+            f"output folder {str(out)!r} cannot be created or written: {str(existing)!r} "
+            f"refuses it ({e.strerror}); choose a folder you can write to"
+        ) from None
     return folder
 
 

@@ -94,10 +94,20 @@ def estimate(config: FinetuneConfig, model_cfg, dtype: torch.dtype) -> tuple[Mem
         bits = 8 * torch.empty(0, dtype=dtype).element_size()
     # the memory estimator knows one paged optimizer; a paged 8-bit one keeps at most the 8-bit state resident
     optimizer = "adamw8bit" if config.optimizer == "paged_adamw8bit" else config.optimizer
-    step = estimate_memory(model_cfg, method=config.method, bits=bits, rank=config.rank, targets=tuple(config.targets),
-                           batch_size=config.batch_size, seq_len=config.seq_len,
-                           gradient_checkpointing=config.gradient_checkpointing, optimizer=optimizer,
-                           dtype=dtype_name, blocksize=config.blocksize, double_quant=config.double_quant)
+    step = estimate_memory(
+        model_cfg,
+        method=config.method,
+        bits=bits,
+        rank=config.rank,
+        targets=tuple(config.targets),
+        batch_size=config.batch_size,
+        seq_len=config.seq_len,
+        gradient_checkpointing=config.gradient_checkpointing,
+        optimizer=optimizer,
+        dtype=dtype_name,
+        blocksize=config.blocksize,
+        double_quant=config.double_quant,
+    )
     weights = sum(step.weights.values())
     batch = min(EVAL_BATCH, config.eval_blocks)
     evaluation = weights + 2 * batch * config.seq_len * model_cfg.vocab_size * 4  # (B, T, V) fp32, twice
@@ -157,11 +167,13 @@ def check_memory(config: FinetuneConfig, model_cfg, device: torch.device, dtype:
     if need + MARGIN <= free:
         return f"memory estimate {need / GB:.2f} GB + {MARGIN / GB:g} GB margin, {free / GB:.2f} GB free ({source})"
     fix = suggest(config, model_cfg, dtype, free)
-    advice = (f"a setting that fits: {flags(fix[0])} (about {fix[1] / GB:.2f} GB with the margin)" if fix
-              else "no smaller setting tried fits (a shorter --seq-len, --batch-size 1, method qlora)")
+    advice = (
+        f"a setting that fits: {flags(fix[0])} (about {fix[1] / GB:.2f} GB with the margin)"
+        if fix
+        else "no smaller setting tried fits (a shorter --seq-len, --batch-size 1, method qlora)"
+    )
     raise WontFit(
         f"this run needs about {need / GB:.2f} GB plus a {MARGIN / GB:g} GB margin, but only {free / GB:.2f} GB "
         f"are free ({source}); {advice}; or pass --force (force=True) to try anyway.\n"
         f"lorakit.memory's estimate of one training step:\n{step}"
     )
-

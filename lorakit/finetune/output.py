@@ -35,9 +35,11 @@ class RunComplete(FileExistsError):
 
     def __init__(self, folder: Path, metrics: dict):
         self.folder, self.metrics = folder, metrics
-        super().__init__(f"the run in {str(folder)!r} is already complete, with these settings: "
-                         f"{summary(metrics)}. Its adapter and metrics.json are there; choose another --out "
-                         "to train again, or pass --overwrite (overwrite=True) to replace it")
+        super().__init__(
+            f"the run in {str(folder)!r} is already complete, with these settings: "
+            f"{summary(metrics)}. Its adapter and metrics.json are there; choose another --out "
+            "to train again, or pass --overwrite (overwrite=True) to replace it"
+        )
 
 
 def summary(metrics: dict) -> str:
@@ -101,8 +103,9 @@ def remove_checkpoint(folder: Path) -> None:
 def differences(old: dict, new: dict) -> str:
     """``"steps 3 -> 4, lr 0.0002 -> 0.001"``: the settings that differ."""
     keys = sorted(set(old) | set(new))
-    return ", ".join(f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
-                     for k in keys if old.get(k) != new.get(k))
+    return ", ".join(
+        f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in keys if old.get(k) != new.get(k)
+    )
 
 
 def prepare_output(out: str | os.PathLike, settings: dict, overwrite: bool = False) -> Path:
@@ -125,15 +128,18 @@ def prepare_output(out: str | os.PathLike, settings: dict, overwrite: bool = Fal
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise FileExistsError(
                 f"output folder {str(out)!r} holds files that are not a lorakit run's ({shown}); lorakit "
-                "never deletes them, with or without --overwrite. Choose a new or empty folder for --out")
+                "never deletes them, with or without --overwrite. Choose a new or empty folder for --out"
+            )
         metrics = read_json(folder / METRICS_FILE)
         results = [p for p in folder.rglob("*") if p.is_file() and p.name != RUN_FILE and not p.name.endswith(".tmp")]
         if previous == settings and metrics is not None and not overwrite:
             raise RunComplete(folder, metrics)
         if previous != settings and results and not overwrite:
-            raise FileExistsError(f"output folder {str(out)!r} holds a different run "
-                                  f"({differences(previous, settings)}); choose another --out, or pass "
-                                  "--overwrite (overwrite=True) to replace that run")
+            raise FileExistsError(
+                f"output folder {str(out)!r} holds a different run "
+                f"({differences(previous, settings)}); choose another --out, or pass "
+                "--overwrite (overwrite=True) to replace that run"
+            )
         if previous != settings or metrics is not None:
             remove_run(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -66,8 +66,14 @@ def build_model(config: FinetuneConfig, device: torch.device | str | None = None
         return _build_hf(config, device, dtype)
     model, tokenizer = load_base_model(config.model, dtype=dtype, device=device)
     if config.method == "qlora":
-        quantize_model(model, quant_type=config.kind, blocksize=config.blocksize,
-                       double_quant=config.double_quant, bits=config.bits, skip=("lm_head",))
+        quantize_model(
+            model,
+            quant_type=config.kind,
+            blocksize=config.blocksize,
+            double_quant=config.double_quant,
+            bits=config.bits,
+            skip=("lm_head",),
+        )
         own_memory(model)
     if config.method in ("lora", "qlora"):
         add_lora(model, list(config.targets), r=config.rank, alpha=config.alpha)
@@ -84,7 +90,7 @@ def own_memory(model: torch.nn.Module) -> None:
     tensor uses any more. Copies of the remaining tensors (0.11 GB) let the map go.
     """
     for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
+        for _, param in module.named_parameters(recurse=False):
             param.data = param.data.clone()  # the same Parameter object: a tied head stays tied
         for name, buffer in module.named_buffers(recurse=False):
             if buffer is not None:
@@ -116,8 +122,14 @@ def _build_hf(config: FinetuneConfig, device, dtype):
     if config.method != "qlora" and device is not None:
         model = model.to(device)
     if config.method in ("lora", "qlora"):
-        lora_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.targets),
-                                 lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        lora_config = LoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha,
+            target_modules=list(config.targets),
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
         model = get_peft_model(model, lora_config)  # its FutureWarning is silenced once, in lorakit._quiet
     keep_bnb_reference_path(model)  # no bfloat16 repacking on AVX512-BF16 CPUs: it breaks training
     model.eval()
@@ -203,13 +215,28 @@ def finetune(
     train_blocks, val_blocks = load_data(tokenizer, config)
     params = parameter_count(model)
     train_config = TrainConfig(
-        steps=config.steps, lr=config.learning_rate, batch_size=config.batch_size, grad_accum=config.grad_accum,
-        warmup_steps=min(config.warmup_steps, config.steps), gradient_checkpointing=config.gradient_checkpointing,
-        eval_blocks=config.eval_blocks, checkpoint_every=max(1, config.steps // 4) if folder else 0,
-        sample_prompt=config.sample_prompt, seed=config.seed, progress=progress, optimizer=config.optimizer,
+        steps=config.steps,
+        lr=config.learning_rate,
+        batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
+        warmup_steps=min(config.warmup_steps, config.steps),
+        gradient_checkpointing=config.gradient_checkpointing,
+        eval_blocks=config.eval_blocks,
+        checkpoint_every=max(1, config.steps // 4) if folder else 0,
+        sample_prompt=config.sample_prompt,
+        seed=config.seed,
+        progress=progress,
+        optimizer=config.optimizer,
     )
-    result = train(model, train_blocks, val_blocks, train_config, tokenizer=tokenizer,
-                   checkpoint_dir=folder / CHECKPOINT_DIR if folder else None, on_step=on_step)
+    result = train(
+        model,
+        train_blocks,
+        val_blocks,
+        train_config,
+        tokenizer=tokenizer,
+        checkpoint_dir=folder / CHECKPOINT_DIR if folder else None,
+        on_step=on_step,
+    )
     finished = not result.interrupted and not result.diverged
     measured_now = result.evals and result.evals[-1][0] == result.step
     metrics = {

@@ -24,9 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-gb", type=float, default=None, help="also say whether it fits")
     args = parser.parse_args(argv)
     targets = args.targets if args.targets == "all" else tuple(args.targets.split(","))
-    kwargs = dict(model=args.model, method=args.method, bits=args.bits, rank=args.rank, targets=targets,
-                  batch_size=args.batch_size, seq_len=args.seq_len, optimizer=args.optimizer,
-                  gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype)
+    kwargs = dict(
+        model=args.model,
+        method=args.method,
+        bits=args.bits,
+        rank=args.rank,
+        targets=targets,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        optimizer=args.optimizer,
+        gradient_checkpointing=args.gradient_checkpointing,
+        dtype=args.dtype,
+    )
     try:
         print(check_fit(args.gpu_gb, **kwargs) if args.gpu_gb else estimate_memory(**kwargs))
     except ValueError as e:

@@ -26,8 +26,9 @@ from lorakit.memory.ledger import GB, MB, StepMemory
 # ----------------------------------------------------------------------------------------------
 
 
-def quantized_bits_per_param(bits: int = 4, blocksize: int = 64, double_quant: bool = True,
-                             dq_blocksize: int = 256) -> float:
+def quantized_bits_per_param(
+    bits: int = 4, blocksize: int = 64, double_quant: bool = True, dq_blocksize: int = 256
+) -> float:
     """Average storage bits per weight of blockwise quantization (QLoRA §3, "Double Quantization").
 
     Every block of ``blocksize`` weights stores ``bits``-bit codes plus one absmax constant:
@@ -43,8 +44,9 @@ def quantized_bits_per_param(bits: int = 4, blocksize: int = 64, double_quant: b
     return bits + 32 / blocksize
 
 
-def quantized_bytes(numel: int, bits: int = 4, blocksize: int = 64, double_quant: bool = True,
-                    dq_blocksize: int = 256) -> int:
+def quantized_bytes(
+    numel: int, bits: int = 4, blocksize: int = 64, double_quant: bool = True, dq_blocksize: int = 256
+) -> int:
     """Exact bytes of one quantized tensor: codes, absmax constants, and (double quant) their constants.
 
     The whole-block version of :func:`quantized_bits_per_param` (partial blocks round up), so
@@ -100,8 +102,15 @@ class ModelShape:
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """``{name: (d_out, d_in)}`` of the linear layers in ONE decoder block."""
         h, i, kv = self.hidden_size, self.intermediate_size, self.kv_size
-        return {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
-                "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+        return {
+            "q_proj": (h, h),
+            "k_proj": (kv, h),
+            "v_proj": (kv, h),
+            "o_proj": (h, h),
+            "gate_proj": (i, h),
+            "up_proj": (i, h),
+            "down_proj": (h, i),
+        }
 
     @property
     def linear_params(self) -> int:
@@ -120,7 +129,7 @@ class ModelShape:
         return self.linear_params + self.other_params
 
     @classmethod
-    def from_config(cls, config, name: str = "") -> "ModelShape":
+    def from_config(cls, config, name: str = "") -> ModelShape:
         """From a transformers config (or anything with a ``.config``, such as a loaded model)."""
         config = getattr(config, "config", config)
         heads = config.num_attention_heads
@@ -133,12 +142,13 @@ class ModelShape:
             num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
             tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             # the folder's last part only: a full path would print machine paths into notebooks
-            name=name or os.path.basename(str(getattr(config, "name_or_path", "")).rstrip("/"))
+            name=name
+            or os.path.basename(str(getattr(config, "name_or_path", "")).rstrip("/"))
             or getattr(config, "model_type", ""),
         )
 
     @classmethod
-    def from_params(cls, n_params: float, name: str = "") -> "ModelShape":
+    def from_params(cls, n_params: float, name: str = "") -> ModelShape:
         """A LLaMA-proportioned shape with about ``n_params`` parameters (for sizes without a preset).
 
         LLaMA's proportions: intermediate = 8/3 h rounded up to 256, one layer per 128 hidden units,
@@ -149,8 +159,9 @@ class ModelShape:
             raise ValueError(f"n_params must be positive, got {n_params}")
         h = max(128, round((n_params * 128 / 12) ** (1 / 3) / 128) * 128)
         inter = math.ceil(8 * h / 3 / 256) * 256
-        return cls(32000, h, inter, max(1, h // 128), max(1, h // 128), max(1, h // 128),
-                   name=name or f"{n_params / 1e9:g}B")
+        return cls(
+            32000, h, inter, max(1, h // 128), max(1, h // 128), max(1, h // 128), name=name or f"{n_params / 1e9:g}B"
+        )
 
 
 # QLoRA (Dettmers et al. 2023), Figure 6, "Breakdown of the memory footprint of different LLaMA
@@ -160,8 +171,16 @@ class ModelShape:
 # (optimizer state paged out to CPU memory, so not on the GPU), and it reproduces all four
 # within 5% (tests/test_memory.py). The 4-bit base weights alone are smaller (3.9 GB for 7B).
 QLORA_PAPER_FIGURE6_MB = {"7B": 5046, "13B": 8476, "33B": 19302, "65B": 37074}
-QLORA_PAPER_SETTING = dict(bits=4, rank=64, targets="all", batch_size=1, seq_len=512,
-                           gradient_checkpointing=True, optimizer="paged_adamw", dtype="bfloat16")
+QLORA_PAPER_SETTING = dict(
+    bits=4,
+    rank=64,
+    targets="all",
+    batch_size=1,
+    seq_len=512,
+    gradient_checkpointing=True,
+    optimizer="paged_adamw",
+    dtype="bfloat16",
+)
 
 # The real LLaMA-1 shapes (Touvron et al. 2023, Table 2; the released config.json files).
 LLAMA = {
@@ -183,15 +202,19 @@ def model_shape(model) -> ModelShape:
             return LLAMA[key]
         m = re.fullmatch(r"([0-9.]+)\s*([MB])", key)
         if not m:
-            raise ValueError(f"model {model!r}: expected a size such as '7B' or '350M' "
-                             f"(presets: {', '.join(LLAMA)}), a parameter count or a config")
+            raise ValueError(
+                f"model {model!r}: expected a size such as '7B' or '350M' "
+                f"(presets: {', '.join(LLAMA)}), a parameter count or a config"
+            )
         return ModelShape.from_params(float(m.group(1)) * (1e9 if m.group(2) == "B" else 1e6), name=model)
     if isinstance(model, (int, float)):
         return ModelShape.from_params(float(model))
     if hasattr(model, "hidden_size") or hasattr(getattr(model, "config", None), "hidden_size"):
         return ModelShape.from_config(model)
-    raise TypeError(f"model: cannot read a shape from {type(model).__name__}; "
-                    "pass '7B', a parameter count, a transformers config or a ModelShape")
+    raise TypeError(
+        f"model: cannot read a shape from {type(model).__name__}; "
+        "pass '7B', a parameter count, a transformers config or a ModelShape"
+    )
 
 
 def _resolve_targets(targets) -> tuple[str, ...]:
@@ -210,9 +233,16 @@ def lora_params(shape: ModelShape, rank: int, targets="all") -> int:
     return shape.num_layers * sum(rank * (lin[t][0] + lin[t][1]) for t in _resolve_targets(targets))
 
 
-def activation_bytes(shape: ModelShape, batch_size: int, seq_len: int, method: str = "full",
-                     dtype_bytes: int = 2, rank: int = 64, targets="all",
-                     gradient_checkpointing: bool = False) -> int:
+def activation_bytes(
+    shape: ModelShape,
+    batch_size: int,
+    seq_len: int,
+    method: str = "full",
+    dtype_bytes: int = 2,
+    rank: int = 64,
+    targets="all",
+    gradient_checkpointing: bool = False,
+) -> int:
     """Bytes autograd saves for backward in one step of a Llama decoder (transformers, SDPA attention).
 
     Counted per token, per layer, from what each op saves (``h`` hidden, ``kv`` key/value width,
@@ -277,8 +307,9 @@ class MemoryEstimate(StepMemory):
         return out
 
     def __str__(self) -> str:
-        head = (f"{self.shape.name or 'model'} ({self.shape.n_params / 1e9:.2f}B params), {self.method}, "
-                + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
+        head = f"{self.shape.name or 'model'} ({self.shape.n_params / 1e9:.2f}B params), {self.method}, " + ", ".join(
+            f"{k}={v}" for k, v in self.settings.items()
+        )
         rows = [head] + [f"  {k:<40}{v / MB:>14,.0f} MB" for k, v in self.lines().items()]
         rows.append(f"  {'total':<40}{self.total / MB:>14,.0f} MB")
         if self.paged_optimizer_state:
@@ -286,10 +317,20 @@ class MemoryEstimate(StepMemory):
         return "\n".join(rows)
 
 
-def estimate_memory(model="7B", method: str = "qlora", bits: int | None = None, rank: int = 64,
-                    targets="all", batch_size: int = 1, seq_len: int = 512,
-                    gradient_checkpointing: bool = False, optimizer: str = "adamw",
-                    dtype: str = "bfloat16", blocksize: int = 64, double_quant: bool = True) -> MemoryEstimate:
+def estimate_memory(
+    model="7B",
+    method: str = "qlora",
+    bits: int | None = None,
+    rank: int = 64,
+    targets="all",
+    batch_size: int = 1,
+    seq_len: int = 512,
+    gradient_checkpointing: bool = False,
+    optimizer: str = "adamw",
+    dtype: str = "bfloat16",
+    blocksize: int = 64,
+    double_quant: bool = True,
+) -> MemoryEstimate:
     """Estimate the memory of one training step from shapes alone.
 
     * ``model``: ``"65B"``, ``"350M"``, a parameter count, a transformers config or model.
@@ -325,18 +366,22 @@ def estimate_memory(model="7B", method: str = "qlora", bits: int | None = None, 
     else:
         bits = 8 * DTYPE_BYTES[dtype] if bits is None else bits
         if bits not in (16, 32):
-            raise ValueError(f"bits={bits} for {method}: weights are stored in 16 or 32 bit "
-                             "(use method='qlora' for 2 to 8 bits)")
+            raise ValueError(
+                f"bits={bits} for {method}: weights are stored in 16 or 32 bit (use method='qlora' for 2 to 8 bits)"
+            )
         dtype = "float32" if bits == 32 else ("bfloat16" if dtype == "float32" else dtype)
     b = DTYPE_BYTES[dtype]
 
     if method == "qlora":
-        per_layer = sum(quantized_bytes(o * i, bits, blocksize, double_quant)
-                        for o, i in shape.linear_shapes().values())
+        per_layer = sum(
+            quantized_bytes(o * i, bits, blocksize, double_quant) for o, i in shape.linear_shapes().values()
+        )
         codes = math.ceil(shape.linear_params * bits / 8)
-        weights = {f"{bits}-bit codes": codes,
-                   "quantization constants": shape.num_layers * per_layer - codes,
-                   f"{8 * b}-bit embeddings, lm_head, norms": shape.other_params * b}
+        weights = {
+            f"{bits}-bit codes": codes,
+            "quantization constants": shape.num_layers * per_layer - codes,
+            f"{8 * b}-bit embeddings, lm_head, norms": shape.other_params * b,
+        }
     else:
         weights = {f"{bits}-bit weights": shape.n_params * b}
     if method == "full":
@@ -351,8 +396,14 @@ def estimate_memory(model="7B", method: str = "qlora", bits: int | None = None, 
     if optimizer == "paged_adamw":  # the pages live in CPU memory; under pressure none stay resident
         state, paged = 0, state
     activations = activation_bytes(shape, batch_size, seq_len, method, b, rank, targets, gradient_checkpointing)
-    settings = dict(bits=bits, dtype=dtype, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
-                    gradient_checkpointing=gradient_checkpointing)
+    settings = dict(
+        bits=bits,
+        dtype=dtype,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        optimizer=optimizer,
+        gradient_checkpointing=gradient_checkpointing,
+    )
     if method != "full":
         settings.update(rank=rank, targets=targets if isinstance(targets, str) else ",".join(targets))
     return MemoryEstimate(shape, method, weights, trainable * b, state, activations, trainable, paged, settings)
@@ -381,8 +432,10 @@ class FitCheck:
 
     def __str__(self) -> str:
         verdict = "FITS" if self.fits else "DOES NOT FIT"
-        return (f"{verdict} in {self.gpu_bytes / GB:g} GB: needs {self.estimate.total / GB:,.2f} GB, "
-                f"{'headroom' if self.fits else 'short by'} {abs(self.headroom) / GB:,.2f} GB\n{self.estimate}")
+        return (
+            f"{verdict} in {self.gpu_bytes / GB:g} GB: needs {self.estimate.total / GB:,.2f} GB, "
+            f"{'headroom' if self.fits else 'short by'} {abs(self.headroom) / GB:,.2f} GB\n{self.estimate}"
+        )
 
 
 def check_fit(gpu_gb: float, **estimate_kwargs) -> FitCheck:

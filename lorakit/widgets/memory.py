@@ -36,9 +36,17 @@ class MemoryCalculator(PicturedControl):
         calc.result.fits
     """
 
-    def __init__(self, model: str = "7B", method: str = "qlora", bits: int = 4, rank: int = 64,
-                 batch_size: int = 1, seq_len: int = 512, gradient_checkpointing: bool = True,
-                 gpu_gb: float = 24.0):
+    def __init__(
+        self,
+        model: str = "7B",
+        method: str = "qlora",
+        bits: int = 4,
+        rank: int = 64,
+        batch_size: int = 1,
+        seq_len: int = 512,
+        gradient_checkpointing: bool = True,
+        gpu_gb: float = 24.0,
+    ):
         import ipywidgets as w
 
         self.controls = {

@@ -54,8 +54,9 @@ def text_figure(text: str, title: str | None = None, width: float = 9.0) -> Figu
         fig = new_figure(width, 0.45 + 0.2 * (len(lines) + (title is not None)))
         if title is not None:
             fig.suptitle(title, fontsize=10, x=0.01, ha="left")
-        fig.text(0.01, 0.95 if title is None else 0.8, "\n".join(lines), family="monospace", fontsize=9,
-                 va="top", ha="left")
+        fig.text(
+            0.01, 0.95 if title is None else 0.8, "\n".join(lines), family="monospace", fontsize=9, va="top", ha="left"
+        )
     return fig
 
 

@@ -1,4 +1,7 @@
-"""The notebooks' quantization control: :func:`lorakit.tradeoff.quantization_tradeoff` behind three controls, and its picture."""
+"""The notebooks' quantization control and its picture.
+
+:func:`lorakit.tradeoff.quantization_tradeoff` behind three controls.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,10 @@ from lorakit.widgets.picture import PicturedControl, default_style, new_figure
 
 
 def tradeoff_figure(
-    w: torch.Tensor, quant_type: str = "nf", bits: int = 4, blocksize: int = 64,
+    w: torch.Tensor,
+    quant_type: str = "nf",
+    bits: int = 4,
+    blocksize: int = 64,
     curve: dict[int, Tradeoff] | None = None,
 ) -> Figure:
     """The control's picture: where the ``2**bits`` levels sit on the weights, and error against memory.
@@ -31,8 +37,12 @@ def tradeoff_figure(
         scaled, _ = absmax_scale(w.detach().reshape(-1).float(), blocksize)  # (n,) in [-1, 1]
         levels_ax.hist(scaled.numpy(), bins=100, range=(-1, 1), density=True, color="0.7")
         levels_ax.set(xlabel="w / absmax of its block", yticks=[], xlim=(-1.05, 1.05))
-        curve_ax.set(xlabel="bits per parameter", ylabel="relative error", yscale="log",
-                     title=f"{quant_type}, blocksize {blocksize}: every width")
+        curve_ax.set(
+            xlabel="bits per parameter",
+            ylabel="relative error",
+            yscale="log",
+            title=f"{quant_type}, blocksize {blocksize}: every width",
+        )
         if curve:
             xs = [t.bits_per_parameter for t in curve.values()]
             curve_ax.plot(xs, [t.relative_error for t in curve.values()], "o-", color="tab:blue")
@@ -41,8 +51,9 @@ def tradeoff_figure(
             table = codebook(quant_type, bits)  # (2**bits,)
             levels_ax.vlines(table.numpy(), 0, 1, transform=levels_ax.get_xaxis_transform(), color="tab:red", lw=0.8)
             levels_ax.set_title(f"the {table.numel()} levels of {chosen.quant_type}", fontsize=10)
-            curve_ax.plot([chosen.bits_per_parameter], [chosen.relative_error], "o", ms=11, mfc="none",
-                          mec="tab:red", mew=2)
+            curve_ax.plot(
+                [chosen.bits_per_parameter], [chosen.relative_error], "o", ms=11, mfc="none", mec="tab:red", mew=2
+            )
             fig.suptitle(str(chosen), fontsize=10)
         else:
             levels_ax.set_title(f"{quant_type}{bits} does not exist", fontsize=10)
@@ -67,8 +78,9 @@ class TradeoffControl(PicturedControl):
         self.controls = {
             "bits": widgets.IntSlider(value=bits, min=BIT_WIDTHS[0], max=BIT_WIDTHS[-1], description="bits"),
             "quant_type": widgets.Dropdown(options=list(KINDS), value=quant_type, description="data type"),
-            "blocksize": widgets.Dropdown(options=[16, 32, 64, 128, 256, 1024, 4096], value=blocksize,
-                                          description="blocksize"),
+            "blocksize": widgets.Dropdown(
+                options=[16, 32, 64, 128, 256, 1024, 4096], value=blocksize, description="blocksize"
+            ),
         }
         self.text = widgets.HTML()
         self.plot = widgets.Image(format="png")

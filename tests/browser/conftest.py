@@ -29,12 +29,20 @@ CHROMIUM = os.environ.get("LORAKIT_CHROMIUM", "/usr/bin/chromium")
 def browser_type_launch_args(browser_type_launch_args):
     """Launch the system Chromium: Playwright's own browser download is not reachable offline."""
     if not Path(CHROMIUM).is_file():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: install it (Debian: apt-get install chromium) or set LORAKIT_CHROMIUM")
+        pytest.fail(
+            f"Chromium not found at {CHROMIUM}: install it (Debian: apt-get install chromium) or set LORAKIT_CHROMIUM"
+        )
     return {
         **browser_type_launch_args,
         "executable_path": CHROMIUM,
-        "args": ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"],
+        "args": [
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+        ],
     }
 
 
@@ -65,11 +73,17 @@ def lab(tmp_path):
     root = tmp_path / "notebooks"
     shutil.copytree(ROOT / "notebooks", root)
     port, token = free_port(), secrets.token_hex(16)
-    cmd = [str(Path(sys.executable).with_name("jupyter-lab")), "--no-browser", "--ip=127.0.0.1",
-           f"--port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-           "--LabApp.news_url=None",
-           # window.jupyterapp, so a test can wait on the kernel connection's own state (lab.py)
-           "--LabApp.expose_app_in_browser=True"]
+    cmd = [
+        str(Path(sys.executable).with_name("jupyter-lab")),
+        "--no-browser",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root}",
+        "--LabApp.news_url=None",
+        # window.jupyterapp, so a test can wait on the kernel connection's own state (lab.py)
+        "--LabApp.expose_app_in_browser=True",
+    ]
     if os.geteuid() == 0:
         cmd.append("--allow-root")
     log = open(tmp_path / "lab.log", "w")
@@ -85,7 +99,7 @@ def lab(tmp_path):
                     break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError("jupyter-lab did not start listening within 120 s")
+                    raise RuntimeError("jupyter-lab did not start listening within 120 s") from None
                 time.sleep(0.2)
         yield Lab(url=url, token=token, root=root)
     finally:

@@ -145,7 +145,9 @@ def inject_parameters(path: Path, **params) -> None:
     import nbformat
 
     if Path(path).resolve().parent == ROOT / "notebooks":
-        raise ValueError(f"inject_parameters edits notebooks in place; {path} is a committed notebook, use the lab's scratch copy")
+        raise ValueError(
+            f"inject_parameters edits notebooks in place; {path} is a committed notebook, use the lab's scratch copy"
+        )
     known = notebook_parameters(path)
     unknown = sorted(set(params) - set(known))
     if unknown:

@@ -45,16 +45,21 @@ def keep_cells_up_to_the_controls(path) -> None:
     """Drop every code cell after the one that builds the controls (the long fine-tunes among them)."""
     nb = nbformat.read(path, as_version=4)
     last = max(i for i, c in enumerate(nb.cells) if "finetune_widget(" in c.source)
-    kept = [c for i, c in enumerate(nb.cells)
-            if i <= last and (c.cell_type == "markdown" or _needed_before_controls(c))]
+    kept = [
+        c for i, c in enumerate(nb.cells) if i <= last and (c.cell_type == "markdown" or _needed_before_controls(c))
+    ]
     nb.cells = kept
     nbformat.write(nb, path)
 
 
 def _needed_before_controls(cell) -> bool:
     tags = cell.metadata.get("tags", [])
-    return ("setup" in tags or "parameters" in tags or "load_base_model(" in cell.source
-            or "finetune_widget(" in cell.source)
+    return (
+        "setup" in tags
+        or "parameters" in tags
+        or "load_base_model(" in cell.source
+        or "finetune_widget(" in cell.source
+    )
 
 
 def expect_shown(page, base, rank: int, bits: int, quant_type: str, name: str) -> None:

@@ -51,7 +51,9 @@ def expect_shown(page, w, quant_type: str, bits: int, blocksize: int, name: str)
     assert page.locator(CONTROL + "bits .widget-readout").inner_text().strip() == str(bits)
     assert shown_text(page) == expected
     # the plot was updated before the text, so it already shows this setting
-    assert shown_png(page, CONTROL + "plot") == figure_png(tradeoff_figure(w, quant_type, bits, blocksize)), f"plot of {name}"
+    assert shown_png(page, CONTROL + "plot") == figure_png(tradeoff_figure(w, quant_type, bits, blocksize)), (
+        f"plot of {name}"
+    )
 
 
 def handle_x(page, bits: int) -> float:
