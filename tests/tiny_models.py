@@ -152,3 +152,20 @@ def tiny_inputs(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
         features = torch.randn(2, model.config.num_mel_bins, 2 * model.config.max_source_positions, generator=g)
         return {"input_features": features, "labels": ids}  # (B, n_mels, 2 * positions)
     return {"input_ids": ids, "labels": ids}
+
+
+def assert_same_as_peft(ours: nn.Module, theirs: nn.Module, sides=("lora_A", "lora_B"), **batch) -> torch.Tensor:
+    """lorakit's LoRA model and peft's give bit-identical logits on ``batch`` and, after backward, the same
+    gradients on every LoRA matrix in ``sides``; returns our logits."""
+    from lorakit import lora_layers
+
+    a, b = ours(**batch), theirs(**batch)
+    assert torch.equal(a.logits, b.logits)
+    a.loss.backward()
+    b.loss.backward()
+    peft_layers = dict(theirs.base_model.model.named_modules())
+    for name, layer in lora_layers(ours).items():
+        for side in sides:
+            theirs_grad = getattr(peft_layers[name], side)["default"].weight.grad
+            assert torch.equal(getattr(layer, side).grad, theirs_grad), f"{name}.{side}"
+    return a.logits
