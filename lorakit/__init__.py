@@ -24,6 +24,16 @@ from lorakit.blockwise import (
 from lorakit.codebooks import codebook, create_dynamic_map, dynamic_map, fp4, integer, nf_offset, normal_float
 from lorakit.data import lm_batches, load_documents, perplexity, split_documents, tokenize_blocks
 from lorakit.double_quant import dequantize_absmax, quantize_absmax
+from lorakit.evaluation import (
+    HELDOUT,
+    HeldOut,
+    Perplexity,
+    PerplexityChange,
+    archaic_rate,
+    compare_perplexity,
+    heldout_perplexity,
+    mean_line_words,
+)
 from lorakit.finetune import FinetuneConfig, finetune  # eager: the function must win over the subpackage's name
 from lorakit.linear4bit import Linear4bit, dequantize_model, quantize_model
 from lorakit.lora import LoRALinear, add_lora, lora_layers, merge_lora, unload_lora, unmerge_lora
@@ -38,7 +48,7 @@ from lorakit.memory import (
     quantized_bits_per_param,
 )
 from lorakit.merge import MERGE_STRATEGIES, Comparison, codes_changed, compare_logits, merge_qlora
-from lorakit.models import count_parameters, generate, load_base_model
+from lorakit.models import chat_prompt, count_parameters, generate, load_base_model
 from lorakit.paged import PagedOptimizer
 from lorakit.runtime import Runtime, setup
 from lorakit.timing import tokens_per_second
@@ -94,6 +104,8 @@ __all__ = [
     "Comparison",
     "FinetuneConfig",
     "FinetuneControl",
+    "HELDOUT",
+    "HeldOut",
     "LabConfig",
     "LabResult",
     "Linear4bit",
@@ -104,6 +116,8 @@ __all__ = [
     "MemoryLedger",
     "ModelShape",
     "PagedOptimizer",
+    "Perplexity",
+    "PerplexityChange",
     "Pictured",
     "PicturedControl",
     "QuantState",
@@ -114,11 +128,14 @@ __all__ = [
     "Tradeoff",
     "TradeoffControl",
     "add_lora",
+    "archaic_rate",
     "cache_dir",
+    "chat_prompt",
     "check_fit",
     "codebook",
     "codes_changed",
     "compare_logits",
+    "compare_perplexity",
     "count_parameters",
     "create_dynamic_map",
     "dequantize_4bit",
@@ -133,12 +150,14 @@ __all__ = [
     "finetune_widget",
     "fp4",
     "generate",
+    "heldout_perplexity",
     "integer",
     "lm_batches",
     "load_adapter",
     "load_base_model",
     "load_documents",
     "lora_layers",
+    "mean_line_words",
     "memory_ledger",
     "merge_lora",
     "merge_qlora",

@@ -67,6 +67,9 @@ def tokenize_blocks(tokenizer, docs: list[Document], seq_len: int = 128, max_blo
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 (one input and one target token), got {seq_len}")
+    if max_blocks is not None and (isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 1):
+        raise ValueError(f"max_blocks={max_blocks!r} is not valid; it must be an integer of at least 1, "
+                         "or None for every full block")
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for doc in docs:

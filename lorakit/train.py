@@ -5,25 +5,37 @@ It trains whatever parameters of ``model`` require grad (all of them for full fi
 seed and the step alone (see ``batch_for``), so a resumed run sees exactly the batches an
 uninterrupted run would, and with the optimizer, scheduler and RNG states restored from the
 checkpoint it ends at the same loss.
+
+It refuses settings it would ignore, and a checkpoint written with other settings. A loss or gradient
+that is not finite stops it before the bad update is taken; an update that overflowed the weights
+stops it too, and the last checkpoint's weights are put back. ``TrainResult.diverged`` says when and
+the likely cause, and no checkpoint is ever written with non-finite weights.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from lorakit._io import atomic_write
 from lorakit.data import perplexity
 
 CHECKPOINT = "checkpoint.pt"
+# bitsandbytes' names: AdamW with fp32 moments, paged (lorakit.paged, QLoRA section 3) or not, and with
+# 8-bit blockwise moments (lorakit.adam8bit, Dettmers et al. 2022), paged or not.
+OPTIMIZERS = ("adamw", "paged_adamw", "adamw8bit", "paged_adamw8bit")
+DEFAULT_LR = 2e-4  # QLoRA appendix B, for LoRA on models of up to 13B parameters
+# The settings that shape the trajectory: a checkpoint resumes only into a run with the same ones.
+TRAJECTORY = ("steps", "lr", "batch_size", "grad_accum", "warmup_steps", "min_lr_ratio", "weight_decay",
+              "max_grad_norm", "seed", "optimizer")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,12 +99,14 @@ def eval_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8)
 @dataclass
 class TrainConfig:
     steps: int = 100  # optimizer steps
-    lr: float = 2e-4
+    lr: float | None = None  # None: DEFAULT_LR, or the ready optimizer's own (train(optimizer=...))
     batch_size: int = 4  # blocks per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     warmup_steps: int = 10
     min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
-    weight_decay: float = 0.0
+    weight_decay: float | None = None  # None: 0.0, or the ready optimizer's own
+    optimizer: str | None = None  # one of OPTIMIZERS; None: "adamw", or the ready optimizer passed to train()
+    page_budget_bytes: int = 16 << 20  # paged optimizers: optimizer state resident at once (the rest paged out)
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
     eval_every: int = 0  # 0: evaluate only before and after
@@ -109,8 +123,19 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out perplexity)
     samples: list[tuple[int, str]] = field(default_factory=list)  # (step, generated text)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the steps this process ran
     interrupted: bool = False
+    resumed_at: int = 0  # the step a checkpoint restored (0: a fresh start)
+    diverged: dict | None = None  # {"step", "reason", "last_good_step"} when a non-finite loss or gradient stopped it
+
+    @property
+    def steps_run(self) -> int:
+        """Optimizer steps this process ran (a resumed run restores the others from its checkpoint)."""
+        return self.step - self.resumed_at
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        return self.seconds / self.steps_run if self.steps_run else None
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
@@ -129,17 +154,34 @@ def batch_for(blocks: torch.Tensor, step: int, micro: int, config: TrainConfig) 
     per_epoch = len(blocks) // config.batch_size
     index = step * config.grad_accum + micro
     epoch, position = divmod(index, per_epoch)
+    # seed * a prime far above any epoch count: no two (seed, epoch) pairs share a generator seed
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
     return blocks[order[position * config.batch_size : (position + 1) * config.batch_size]]
 
 
-def check_inputs(model: torch.nn.Module, blocks: torch.Tensor, config: TrainConfig) -> None:
-    """Refuse bad settings before any training starts."""
+def check_inputs(model: torch.nn.Module, blocks: torch.Tensor, config: TrainConfig, optimizer=None,
+                 checkpoint_dir: str | Path | None = None) -> None:
+    """Refuse bad settings, and settings that would be silently ignored, before any training starts."""
     for name in ("steps", "batch_size", "grad_accum"):
         if getattr(config, name) < 1:
             raise ValueError(f"TrainConfig.{name} must be at least 1, got {getattr(config, name)}")
-    if config.lr <= 0:
-        raise ValueError(f"TrainConfig.lr must be positive, got {config.lr}")
+    if config.lr is not None and not (math.isfinite(config.lr) and config.lr > 0):
+        raise ValueError(f"TrainConfig.lr must be a finite positive number, got {config.lr}")
+    if config.optimizer is not None:
+        check_optimizer(config.optimizer)
+    if isinstance(optimizer, str):
+        check_optimizer(optimizer)
+    if isinstance(optimizer, str) and config.optimizer not in (None, optimizer):
+        raise ValueError(f"optimizer={optimizer!r} and TrainConfig.optimizer={config.optimizer!r} disagree; set one")
+    if optimizer is not None and not isinstance(optimizer, str):
+        ignored = [f"{n}={getattr(config, n)!r}" for n in ("lr", "weight_decay", "optimizer")
+                   if getattr(config, n) is not None]
+        if ignored:
+            raise ValueError(f"TrainConfig {', '.join(ignored)} would be ignored: the optimizer passed to train() "
+                             "has its own; leave them None, or pass no optimizer")
+    if config.checkpoint_every and checkpoint_dir is None:
+        raise ValueError(f"TrainConfig.checkpoint_every={config.checkpoint_every} needs a checkpoint_dir to write to; "
+                         "pass checkpoint_dir=..., or set checkpoint_every=0")
     if blocks.ndim != 2 or len(blocks) < config.batch_size:
         raise ValueError(
             f"the training data has {len(blocks)} blocks (shape {tuple(blocks.shape)}), "
@@ -166,8 +208,41 @@ def _checkpointing(model: torch.nn.Module, on: bool) -> None:
         raise ValueError(f"gradient_checkpointing needs a transformers model; {type(model).__name__} has none")
 
 
-def _save_checkpoint(folder: Path, model, optimizer, scheduler, result: TrainResult, config: TrainConfig) -> None:
-    """Write the checkpoint atomically: a temporary file in the same folder, then a rename."""
+def check_optimizer(name: str) -> None:
+    """Refuse an optimizer name lorakit does not offer, listing those it does."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer={name!r} is not valid; choose one of {OPTIMIZERS}")
+
+
+def make_optimizer(name: str, params, lr: float = DEFAULT_LR, weight_decay: float = 0.0,
+                   page_budget_bytes: int = 16 << 20, page_dir: str | None = None) -> torch.optim.Optimizer:
+    """The optimizer called ``name`` (bitsandbytes' names, see ``OPTIMIZERS``) over ``params``.
+
+    ``paged_*`` wrap the optimizer in :class:`lorakit.paged.PagedOptimizer`: its state lives in pages,
+    at most ``page_budget_bytes`` of them on the parameters' device at once.
+    """
+    from lorakit.adam8bit import AdamW8bit
+    from lorakit.paged import PagedOptimizer
+
+    check_optimizer(name)
+    params = list(params)
+    if name.endswith("adamw8bit"):
+        inner = AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    else:
+        inner = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if not name.startswith("paged_"):
+        return inner
+    page_bytes = min(1 << 20, page_budget_bytes)
+    return PagedOptimizer(inner, budget_bytes=page_budget_bytes, page_bytes=page_bytes, page_dir=page_dir)
+
+
+def _trajectory(config: TrainConfig, blocks: torch.Tensor) -> dict:
+    """What a checkpoint must share with the run that resumes it: the settings and the data's shape."""
+    return {**{n: getattr(config, n) for n in TRAJECTORY}, "data": list(blocks.shape)}
+
+
+def _save_checkpoint(folder: Path, model, optimizer, scheduler, result: TrainResult, trajectory: dict) -> None:
+    """Write the checkpoint atomically (lorakit._io: a temporary file in the same folder, then a rename)."""
     state = {
         "step": result.step,
         "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
@@ -180,16 +255,20 @@ def _save_checkpoint(folder: Path, model, optimizer, scheduler, result: TrainRes
         },
         "losses": result.losses,
         "evals": result.evals,
-        "config": asdict(config),
+        "config": trajectory,
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{CHECKPOINT}.{os.getpid()}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, folder / CHECKPOINT)
+    atomic_write(folder / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
 
-def _load_checkpoint(folder: Path, model, optimizer, scheduler, result: TrainResult) -> None:
+def _load_checkpoint(folder: Path, model, optimizer, scheduler, result: TrainResult, trajectory: dict | None) -> None:
+    """Restore a checkpoint; with ``trajectory``, refuse one written by a run with other settings."""
     state = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=False)
+    if trajectory is not None:
+        saved = state.get("config", {})
+        differ = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in trajectory.items() if saved.get(k) != v]
+        if differ:
+            raise ValueError(f"the checkpoint in {str(folder)!r} was written by a run with other settings "
+                             f"({', '.join(differ)}); resume with the same settings, or use another checkpoint_dir")
     params = dict(model.named_parameters())
     missing = sorted(set(state["trainable"]) - set(params))
     if missing:
@@ -206,35 +285,60 @@ def _load_checkpoint(folder: Path, model, optimizer, scheduler, result: TrainRes
     result.step, result.losses, result.evals = state["step"], list(state["losses"]), list(state["evals"])
 
 
+def _non_finite(step_loss: float, grad_norm: torch.Tensor, lr: float, step: int) -> str | None:
+    """Why this step must not be taken (a non-finite loss or gradient), with the likely cause; None if fine."""
+    if not math.isfinite(step_loss):
+        if step == 0:
+            return (f"the loss is {step_loss} before any update: check the weights, the data and the compute "
+                    "dtype (float16 overflows easily)")
+        return (f"the loss became {step_loss}: the learning rate lr={lr:g} is likely too high for this "
+                "setting; lower it (2e-4 is QLoRA's)")
+    if not torch.isfinite(grad_norm):
+        return (f"the gradient norm is {grad_norm.item()}: lower the learning rate lr={lr:g}, keep gradient "
+                "clipping (max_grad_norm) on, or use float32 or bfloat16 instead of float16")
+    return None
+
+
 def train(
     model: torch.nn.Module,
     train_blocks: torch.Tensor,
     val_blocks: torch.Tensor | None = None,
     config: TrainConfig | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | str | None = None,
     tokenizer=None,
     checkpoint_dir: str | Path | None = None,
     on_step: Callable[[TrainResult], None] | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` on ``(N, T)`` token blocks; resume from ``checkpoint_dir`` if it holds one.
 
+    ``optimizer`` is a name from ``OPTIMIZERS`` (or ``config.optimizer``), or a ready Optimizer.
     A KeyboardInterrupt (the stop button in Jupyter) ends training cleanly: the last finished
     step is checkpointed (when ``checkpoint_dir`` is set) and the results so far are returned.
+    A non-finite loss or gradient stops it before the bad update, with ``result.diverged`` saying
+    when and why; the last checkpoint is kept as it was.
     """
     config = config or TrainConfig()
-    check_inputs(model, train_blocks, config)
+    check_inputs(model, train_blocks, config, optimizer, checkpoint_dir)
     device = next(model.parameters()).device
     trainable = [p for p in model.parameters() if p.requires_grad]
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    optimizer = optimizer or torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    ready = optimizer is not None and not isinstance(optimizer, str)
+    trajectory = _trajectory(config, train_blocks) if not ready else None
+    if not ready:
+        name = optimizer or config.optimizer or "adamw"
+        lr = DEFAULT_LR if config.lr is None else config.lr
+        trajectory.update(optimizer=name, lr=lr, weight_decay=config.weight_decay or 0.0)  # as resolved
+        optimizer = make_optimizer(name, trainable, lr=lr, weight_decay=config.weight_decay or 0.0,
+                                   page_budget_bytes=config.page_budget_bytes)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.steps, config.min_lr_ratio)
     )
     result = TrainResult()
     folder = Path(checkpoint_dir) if checkpoint_dir else None
     if folder and (folder / CHECKPOINT).is_file():
-        _load_checkpoint(folder, model, optimizer, scheduler, result)
+        _load_checkpoint(folder, model, optimizer, scheduler, result, trajectory)
+        result.resumed_at = result.step
     if config.gradient_checkpointing:
         # Recompute each layer's activations in backward instead of keeping them (Chen et al., 2016).
         _checkpointing(model, True)
@@ -249,9 +353,24 @@ def train(
 
             result.samples.append((result.step, generate(model, tokenizer, config.sample_prompt, chat=False)))
 
+    def stop(step: int, reason: str) -> None:
+        """Divergence: record it; if the bad update was taken, put back the last checkpoint's weights.
+
+        Without a checkpoint they stay as the bad update left them (finetune then saves no adapter).
+        """
+        last = saved[-1] if saved else None
+        result.diverged = {"step": step, "reason": reason, "last_good_step": last}
+        if not all(torch.isfinite(p).all() for p in trainable) and last is not None:
+            state = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=False)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name in state["trainable"]:
+                        p.copy_(state["trainable"][name])
+
     if result.step == 0:  # a resumed run has its "before" figures in the checkpoint already
         evaluate()
         sample()
+    saved = [result.step] if result.resumed_at else []  # steps checkpointed, the last one last
     start = time.perf_counter()
     model.train()
     bar = tqdm(total=config.steps, initial=result.step, desc="training", disable=not config.progress)
@@ -265,9 +384,17 @@ def train(
                 loss = model(input_ids=input_ids, labels=input_ids).loss / config.grad_accum
                 loss.backward()
                 step_loss += loss.item()
-            if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            # the total gradient norm, clipped to max_grad_norm when set (an infinite bound only measures it)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or math.inf)
+            problem = _non_finite(step_loss, grad_norm, optimizer.param_groups[0]["lr"], result.step)
+            if problem:  # stop before the update: the weights stay those of the last good step
+                stop(result.step + 1, problem)
+                break
             optimizer.step()
+            if not all(torch.isfinite(p).all() for p in trainable):  # the update itself overflowed
+                stop(result.step + 1, f"the update made weights non-finite: the learning rate "
+                                      f"{optimizer.param_groups[0]['lr']:g} is too high; lower it (2e-4 is QLoRA's)")
+                break
             scheduler.step()
             result.step += 1
             result.losses.append(step_loss)
@@ -276,9 +403,10 @@ def train(
                 evaluate()
                 model.train()
             if folder and config.checkpoint_every and result.step % config.checkpoint_every == 0:
-                _save_checkpoint(folder, model, optimizer, scheduler, result, config)
+                _save_checkpoint(folder, model, optimizer, scheduler, result, trajectory or {})
+                saved.append(result.step)
             postfix = {"loss": f"{step_loss:.3f}"}
-            if result.evals:
+            if result.evals and result.evals[-1][0] == result.step:  # only a perplexity measured at this step
                 postfix["ppl"] = f"{result.evals[-1][1]:.1f}"
             bar.set_postfix(postfix)
             bar.update(1)
@@ -287,14 +415,14 @@ def train(
     except KeyboardInterrupt:
         result.interrupted = True
         if folder and result.step:
-            _save_checkpoint(folder, model, optimizer, scheduler, result, config)
+            _save_checkpoint(folder, model, optimizer, scheduler, result, trajectory or {})
     finally:
         bar.close()
         result.seconds = time.perf_counter() - start
         model.eval()
         if config.gradient_checkpointing:
             _checkpointing(model, False)
-    if not result.interrupted:
+    if not result.interrupted and not result.diverged:
         evaluate()
         sample()
     return result

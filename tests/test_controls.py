@@ -97,7 +97,7 @@ def test_board_passes_the_setting_and_keeps_runs():
     trainer = FakeTrainer()
     board = RunBoard(trainer=trainer, steps=3, seq_len=32)
     run = board.train(16, 3, "int", progress=False)
-    expected = dict(method="qlora", rank=16, alpha=32.0, bits=3, quant_type="int", steps=3, seq_len=32)
+    expected = dict(method="qlora", rank=16, alpha=32.0, bits=3, kind="int", steps=3, seq_len=32)
     assert {key: trainer.calls[0][key] for key in expected} == expected
     assert (run.rank, run.bits, run.quant_type, run.steps, run.trainable_params) == (16, 3, "int", 3, 1600)
     assert run.ppl_change == pytest.approx(47 / 50 - 1)

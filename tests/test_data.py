@@ -65,3 +65,17 @@ def test_bad_inputs_name_the_value():
         list(lm_batches(torch.zeros(3, 16, dtype=torch.long), batch_size=8))
     with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
         list(lm_batches(torch.zeros(3, 16, dtype=torch.long), batch_size=0))
+
+
+@pytest.mark.parametrize("max_blocks", [0, -5, 2.5])
+def test_a_cap_below_one_block_names_the_cap_not_the_text(max_blocks):
+    """newcomer.md B1: --train-blocks 0 said "the documents hold 49246 tokens, fewer than one block"."""
+
+    class Tokenizer:  # never reached: the cap is checked first
+        eos_token_id = 0
+
+        def __call__(self, text, **kwargs):
+            raise AssertionError("tokenized despite a bad cap")
+
+    with pytest.raises(ValueError, match=f"max_blocks={max_blocks!r} is not valid; it must be an integer of at least"):
+        tokenize_blocks(Tokenizer(), [], seq_len=16, max_blocks=max_blocks)

@@ -58,8 +58,8 @@ def test_lazy_names_load_their_module_on_first_use():
 
 def test_finetune_stays_the_function_whatever_is_imported_first():
     out = fresh_python("import json, lorakit.finetune.report, lorakit; from lorakit import run_lab; "
-                       "print(json.dumps(callable(lorakit.finetune) and lorakit.finetune.__module__))")
-    assert out == "lorakit.finetune"
+                       "f = lorakit.finetune; print(json.dumps(callable(f) and f'{f.__module__}.{f.__qualname__}'))")
+    assert out == "lorakit.finetune.pipeline.finetune"  # the function, not the subpackage of the same name
 
 
 def test_every_public_name_resolves_and_is_listed():

@@ -82,6 +82,12 @@ def test_parameters_without_grad_are_skipped_like_torch(tmp_path):
     assert opt.state_of(paged[0].bias) == {}
 
 
+def test_a_page_dir_that_is_not_a_folder_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="page_dir=.*missing.* is not a folder"):
+        PagedOptimizer(torch.optim.AdamW(make_model().parameters()), budget_bytes=PAGE, page_bytes=PAGE,
+                       page_dir=str(tmp_path / "missing"))
+
+
 def test_budget_smaller_than_one_page_is_an_error():
     with pytest.raises(ValueError, match=r"budget_bytes=4,095 is smaller than one page \(4,096 bytes\)"):
         PagedOptimizer(torch.optim.AdamW(make_model().parameters()), budget_bytes=PAGE - 1, page_bytes=PAGE)
@@ -193,3 +199,89 @@ def test_resident_peak_counts_only_resident_pages(tmp_path):
     assert resident_peak(plain, ref_opt) == base + plain.optimizer_state
     assert resident_peak(paged, opt) == base + 2 * PAGE < resident_peak(plain, ref_opt)
     opt.close()
+
+
+def test_it_is_an_optimizer_that_lr_schedulers_drive(tmp_path):
+    ref, paged = make_model(), make_model()
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=3e-2)
+    opt = PagedOptimizer(torch.optim.AdamW(paged.parameters(), lr=3e-2), budget_bytes=2 * PAGE, page_bytes=PAGE,
+                         page_dir=str(tmp_path))
+    assert isinstance(opt, torch.optim.Optimizer)
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (s + 1)) for o in (opt_ref, opt)]
+    for _ in range(3):
+        train(ref, opt_ref, 1)
+        train(paged, opt, 1)
+        for schedule in schedules:
+            schedule.step()
+    assert opt.optimizer.param_groups[0]["lr"] == opt_ref.param_groups[0]["lr"] == pytest.approx(3e-2 / 4)
+    for a, b in zip(ref.parameters(), paged.parameters()):
+        assert torch.equal(a, b)  # the scheduled learning rates reached the wrapped optimizer
+    opt.close()
+
+
+def test_state_dict_is_the_wrapped_optimizers_and_loads_back(tmp_path):
+    hyper = dict(lr=3e-2, weight_decay=0.1)
+    ref, paged = make_model(), make_model()
+    opt_ref = torch.optim.AdamW(ref.parameters(), **hyper)
+    opt = PagedOptimizer(torch.optim.AdamW(paged.parameters(), **hyper), budget_bytes=2 * PAGE, page_bytes=PAGE,
+                         page_dir=str(tmp_path))
+    train(ref, opt_ref, 3)
+    train(paged, opt, 3)
+    saved, expected = opt.state_dict(), opt_ref.state_dict()
+    assert saved["param_groups"] == expected["param_groups"]
+    assert saved["state"].keys() == expected["state"].keys()
+    for i, state in expected["state"].items():
+        for name, value in state.items():
+            assert torch.equal(saved["state"][i][name], value), (i, name)
+    # a fresh paged optimizer, loaded from the plain one's state, continues exactly as the plain one does
+    resumed = make_model()
+    resumed.load_state_dict(ref.state_dict())
+    opt_resumed = PagedOptimizer(torch.optim.AdamW(resumed.parameters(), **hyper), budget_bytes=3 * PAGE,
+                                 page_bytes=PAGE, page_dir=str(tmp_path))
+    opt_resumed.load_state_dict(expected)
+    train(ref, opt_ref, 2, seed=5)
+    train(resumed, opt_resumed, 2, seed=5)
+    for a, b in zip(ref.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="parameter groups do not match"):
+        opt_resumed.load_state_dict({"state": {}, "param_groups": [{"params": [0]}]})
+    with pytest.raises(TypeError, match="give every parameter group to the wrapped optimizer"):
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)]})
+    opt.close()
+    opt_resumed.close()
+
+
+@pytest.mark.parametrize("budget_pages", [1, 3])
+def test_adamw8bit_paged_is_bit_identical_and_checkpoints_in_its_own_format(tmp_path, budget_pages):
+    """Paged 8-bit AdamW (bitsandbytes' PagedAdamW8bit): segments hold whole blocks of 256, and a segment of
+    a large parameter keeps 8-bit codes even when it is smaller than min_8bit_size, as the whole would."""
+    from lorakit.adam8bit import AdamW8bit
+
+    ref, paged = make_model(), make_model()
+    opt_ref = AdamW8bit(ref.parameters(), lr=3e-2, weight_decay=0.1)
+    opt = PagedOptimizer(AdamW8bit(paged.parameters(), lr=3e-2, weight_decay=0.1),
+                         budget_bytes=budget_pages * PAGE, page_bytes=PAGE, page_dir=str(tmp_path))
+    segments = {id(p): [s for s in opt._segments if s.param is p] for p in paged.parameters()}
+    big = next(p for p in paged.parameters() if p.numel() >= opt_ref.min_8bit_size)
+    assert len(segments[id(big)]) > 1 and all(s.start % 256 == 0 for s in segments[id(big)])
+    train(ref, opt_ref, 3)
+    train(paged, opt, 3)
+    for a, b in zip(ref.parameters(), paged.parameters()):
+        assert torch.equal(a, b)
+    saved, expected = opt.state_dict(), opt_ref.state_dict()
+    assert saved["state"][0]["m"].dtype == torch.uint8  # the 9,600-element weight: 8-bit codes
+    for i, state in expected["state"].items():
+        assert saved["state"][i].keys() == state.keys()
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(saved["state"][i][name]), torch.as_tensor(value)), (i, name)
+    resumed = make_model()
+    resumed.load_state_dict(ref.state_dict())
+    opt_resumed = PagedOptimizer(AdamW8bit(resumed.parameters(), lr=3e-2, weight_decay=0.1),
+                                 budget_bytes=budget_pages * PAGE, page_bytes=PAGE, page_dir=str(tmp_path))
+    opt_resumed.load_state_dict(expected)
+    train(ref, opt_ref, 2, seed=5)
+    train(resumed, opt_resumed, 2, seed=5)
+    for a, b in zip(ref.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    opt.close()
+    opt_resumed.close()

@@ -1,25 +1,40 @@
-"""``python -m lorakit.finetune --method qlora --rank 8 --bits 4 --steps N --out DIR``."""
+"""``python -m lorakit.finetune --method qlora --rank 8 --bits 4 --steps N --out DIR``.
+
+Bad settings, a missing asset or an output folder that holds something else end with one line on
+stderr and exit code 2 (``--debug`` shows the traceback); a diverged run exits with 1.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from lorakit.finetune import BACKENDS, BITS, METHODS, QUANT_TYPES, FinetuneConfig, finetune
+from lorakit.codebooks import BITS, KINDS
+from lorakit.finetune.config import BACKENDS, FinetuneConfig
+from lorakit.finetune.output import RunComplete, summary
+from lorakit.finetune.pipeline import finetune
+from lorakit.memory import METHODS
+from lorakit.runtime import run_main
+from lorakit.train import OPTIMIZERS
+
+PROG = "python -m lorakit.finetune"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = FinetuneConfig()
-    p = argparse.ArgumentParser(prog="python -m lorakit.finetune", description="Fine-tune SmolLM2 with full, LoRA or QLoRA.")
+    p = argparse.ArgumentParser(prog=PROG, description="Fine-tune SmolLM2 with full, LoRA or QLoRA.")
     p.add_argument("--method", default=d.method, help=f"one of {', '.join(METHODS)} (default {d.method})")
     p.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank r (default {d.rank})")
     p.add_argument("--alpha", type=float, default=d.alpha, help=f"LoRA alpha; scaling = alpha / r (default {d.alpha:g})")
     p.add_argument("--bits", type=int, default=d.bits, help=f"QLoRA base-weight bits, one of {BITS} (default {d.bits})")
-    p.add_argument("--quant-type", default=d.quant_type, help=f"one of {', '.join(QUANT_TYPES)} (default {d.quant_type})")
+    p.add_argument("--kind", default=d.kind,
+                   help=f"QLoRA codebook family, one of {', '.join(KINDS)} (default {d.kind}; with --bits 4: NF4)")
+    p.add_argument("--quant-type", dest="kind", help=argparse.SUPPRESS)  # the old name of --kind
     p.add_argument("--blocksize", type=int, default=d.blocksize)
     p.add_argument("--no-double-quant", action="store_true", help="keep the absmax constants in float32")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-4; full: 2e-5)")
+    p.add_argument("--optimizer", default=d.optimizer, help=f"one of {', '.join(OPTIMIZERS)} (default {d.optimizer})")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
@@ -31,33 +46,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default=d.backend, help=f"one of {', '.join(BACKENDS)} (default {d.backend})")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the CPU)")
     p.add_argument("--out", required=True, help="output folder for run.json, checkpoints, the adapter and metrics.json")
-    p.add_argument("--overwrite", action="store_true", help="replace an output folder that holds a different run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a lorakit run in --out (never other files: a folder holding those is refused)")
+    p.add_argument("--force", action="store_true", help="train even when the memory estimate exceeds the free memory")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show an error's traceback (lorakit.runtime.run_main)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     config = FinetuneConfig(
-        method=a.method, rank=a.rank, alpha=a.alpha, bits=a.bits, quant_type=a.quant_type, blocksize=a.blocksize,
-        double_quant=not a.no_double_quant, steps=a.steps, lr=a.lr, batch_size=a.batch_size, grad_accum=a.grad_accum,
-        seq_len=a.seq_len, eval_blocks=a.eval_blocks, train_blocks=a.train_blocks, corpus=a.corpus,
-        gradient_checkpointing=a.gradient_checkpointing, seed=a.seed, backend=a.backend,
+        method=a.method, rank=a.rank, alpha=a.alpha, bits=a.bits, kind=a.kind, blocksize=a.blocksize,
+        double_quant=not a.no_double_quant, steps=a.steps, lr=a.lr, optimizer=a.optimizer, batch_size=a.batch_size,
+        grad_accum=a.grad_accum, seq_len=a.seq_len, eval_blocks=a.eval_blocks, train_blocks=a.train_blocks,
+        corpus=a.corpus, gradient_checkpointing=a.gradient_checkpointing, seed=a.seed, backend=a.backend,
     )
     try:
-        result = finetune(config, out=a.out, overwrite=a.overwrite, device=a.device, progress=not a.no_progress)
-    except (ValueError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        result = finetune(config, out=a.out, overwrite=a.overwrite, device=a.device, progress=not a.no_progress,
+                          force=a.force)
+    except RunComplete as done:
+        print(f"complete: the run in {a.out} has finished already ({summary(done.metrics)}); "
+              "its adapter and metrics.json are there. Use another --out, or --overwrite, to train again")
+        return 0
     m = result.metrics
-    print(f"held-out perplexity before: {m['ppl_before']:.2f}")
-    print(f"held-out perplexity after:  {m['ppl_after']:.2f}  ({100 * (m['ppl_after'] / m['ppl_before'] - 1):+.1f}%)")
-    print(f"{m['steps']} steps in {m['seconds']:.1f} s; peak RSS {m['peak_rss_mb']:.0f} MB; "
-          f"trainable {m['trainable_params']:,} of {m['total_params']:,} parameters")
+    if m["ppl_before"] is not None:
+        print(f"held-out perplexity before: {m['ppl_before']:.2f}")
+    if m["ppl_after"] is not None:
+        change = 100 * (m["ppl_after"] / m["ppl_before"] - 1)
+        print(f"held-out perplexity after:  {m['ppl_after']:.2f}  ({change:+.1f}%)")
+    rate = f" ({m['seconds_per_step']:.2f} s/step)" if m["seconds_per_step"] else ""
+    print(f"{m['steps']} steps, {m['steps_this_process']} of them in this process in {m['seconds']:.1f} s{rate}; "
+          f"peak RSS {m['peak_rss_mb']:.0f} MB")
+    share = 100 * m["trainable_params"] / m["total_params"]
+    print(f"trainable {m['trainable_params']:,} of {m['total_params']:,} parameters ({share:.2f}%); "
+          f"the base model has {m['base_params'] / 1e6:.1f} M")
     if m["interrupted"]:
-        print("interrupted: run the same command again to resume from the last checkpoint")
+        print("interrupted: no evaluation after training; "
+              "run the same command again to resume from the last checkpoint")
+    if m["diverged"]:
+        d = m["diverged"]
+        kept = (f"the checkpoint of step {d['last_good_step']} stays in {a.out}/checkpoint" if d["last_good_step"]
+                else "no checkpoint was written before it")
+        print(f"{PROG}: diverged at step {d['step']}: {d['reason']}. No adapter was saved; {kept}; "
+              f"{a.out}/metrics.json records the divergence", file=sys.stderr)
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, prog=PROG))

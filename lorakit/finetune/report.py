@@ -163,7 +163,7 @@ class RunBoard:
         check_setting(rank, bits, quant_type)
         start = time.perf_counter()
         result = self.trainer(
-            method="qlora", rank=rank, alpha=2.0 * rank, bits=bits, quant_type=quant_type,
+            method="qlora", rank=rank, alpha=2.0 * rank, bits=bits, kind=quant_type,
             device=self.device, dtype=self.dtype, progress=progress, on_step=on_step, **self.train_settings,
         )
         metrics = result.metrics

@@ -7,6 +7,7 @@ import sys
 from dataclasses import fields
 
 from lorakit.lab import LabConfig, run_lab
+from lorakit.runtime import run_main
 
 
 def _positive_int(text: str) -> int:
@@ -44,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--markdown", metavar="PATH", help="write the claims table as Markdown here")
     p.add_argument("--adapters", metavar="DIR", help="keep the trained adapters in this folder")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show an error's traceback (lorakit.runtime.run_main)")
     return p.parse_args(argv)
 
 
@@ -72,4 +74,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, prog="python -m lorakit.lab"))

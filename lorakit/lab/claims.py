@@ -235,7 +235,7 @@ def four_bit_inference_2x(runs: dict) -> Finding:
 
 
 def lora_then_quantize(runs: dict) -> Finding:
-    inf, ppl, wb = runs["inference"], runs["inference"]["ppl"], runs["inference"]["weight_bytes"]
+    ppl, wb = runs["inference"]["ppl"], runs["inference"]["weight_bytes"]
     ratio = wb["lora_then_nf4_adapter"] / wb["qlora"]
     measured = (f"LoRA trained in {runs['settings']['dtype']}, base quantized to NF4 afterwards: weights "
                 f"{_mb(wb['lora_then_nf4_adapter'])} vs QLoRA's {_mb(wb['qlora'])}; perplexity {ppl['lora_then_nf4_adapter']:.2f} "

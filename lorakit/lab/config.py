@@ -14,8 +14,8 @@ from lorakit.runtime import pick_device, pick_dtype
 RUNS = {
     "full": dict(method="full"),
     "lora": dict(method="lora"),
-    "qlora_nf4": dict(method="qlora", quant_type="nf", double_quant=True),
-    "qlora_fp4": dict(method="qlora", quant_type="fp", double_quant=True),
+    "qlora_nf4": dict(method="qlora", kind="nf", double_quant=True),
+    "qlora_fp4": dict(method="qlora", kind="fp", double_quant=True),
 }
 
 

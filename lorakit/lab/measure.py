@@ -94,7 +94,7 @@ def train_run(name: str, settings: dict, adapter_dir: str | None) -> dict:
     clock("load, evaluate, train, evaluate")
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]  # steps 2..N: the first one allocates the optimizer
     out = dict(
-        method=fconfig.method, quant_type=fconfig.quant_type if fconfig.method == "qlora" else None,
+        method=fconfig.method, quant_type=fconfig.kind if fconfig.method == "qlora" else None,
         lr=fconfig.learning_rate, ppl_before=result.metrics["ppl_before"], ppl_after=result.metrics["ppl_after"],
         final_loss=result.metrics["final_loss"],
         step_seconds=statistics.median(gaps) if gaps else result.metrics["seconds_per_step"],
