@@ -54,8 +54,8 @@ class HeldOut:
     def __post_init__(self):
         if self.corpus not in CORPORA:
             raise ValueError(f"HeldOut: unknown corpus {self.corpus!r}; choose one of {', '.join(CORPORA)}")
-        if self.n_blocks is not None and self.n_blocks < 2:
-            raise ValueError(f"HeldOut: n_blocks must be at least 2 (a bootstrap needs two blocks) or None, got {self.n_blocks}")
+        if self.n_blocks is not None and self.n_blocks < 1:
+            raise ValueError(f"HeldOut: n_blocks must be at least 1 (2 for an interval) or None, got {self.n_blocks}")
         if self.seq_len < 2:
             raise ValueError(f"HeldOut: seq_len must be at least 2 (one input and one target token), got {self.seq_len}")
 
@@ -71,7 +71,7 @@ class HeldOut:
                 f"in the {self.corpus} validation split; pass at most {len(every)}, or None for all"
             )
         # evenly spaced, first and last block included; the step is >= 1 block, so no block repeats
-        picks = torch.linspace(0, len(every) - 1, self.n_blocks).round().long()
+        picks = torch.linspace(0, len(every) - 1, self.n_blocks).round().long()  # one block: the first
         return every[picks]  # (n_blocks, T)
 
     def __str__(self) -> str:

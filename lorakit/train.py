@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from lorakit._io import atomic_write
 from lorakit.data import perplexity
+from lorakit.evaluation import heldout_perplexity
 
 CHECKPOINT = "checkpoint.pt"
 # bitsandbytes' names: AdamW with fp32 moments, paged (lorakit.paged, QLoRA section 3) or not, and with
@@ -122,6 +123,8 @@ class TrainResult:
     step: int = 0
     losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out perplexity)
+    # (step, low, high): each evaluation's 95% bootstrap interval (lorakit.evaluation), beside ``evals``
+    eval_intervals: list[tuple[int, float, float]] = field(default_factory=list)
     samples: list[tuple[int, str]] = field(default_factory=list)  # (step, generated text)
     seconds: float = 0.0  # wall time of the steps this process ran
     interrupted: bool = False
@@ -255,6 +258,7 @@ def _save_checkpoint(folder: Path, model, optimizer, scheduler, result: TrainRes
         },
         "losses": result.losses,
         "evals": result.evals,
+        "eval_intervals": result.eval_intervals,
         "config": trajectory,
     }
     atomic_write(folder / CHECKPOINT, lambda tmp: torch.save(state, tmp))
@@ -283,6 +287,7 @@ def _load_checkpoint(folder: Path, model, optimizer, scheduler, result: TrainRes
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     random.setstate(state["rng"]["python"])
     result.step, result.losses, result.evals = state["step"], list(state["losses"]), list(state["evals"])
+    result.eval_intervals = list(state.get("eval_intervals", []))
 
 
 def _non_finite(step_loss: float, grad_norm: torch.Tensor, lr: float, step: int) -> str | None:
@@ -345,7 +350,13 @@ def train(
 
     def evaluate() -> None:
         if val_blocks is not None and (not result.evals or result.evals[-1][0] != result.step):
-            result.evals.append((result.step, perplexity(model, val_blocks[: config.eval_blocks])))
+            blocks = val_blocks[: config.eval_blocks]
+            if len(blocks) < 2:  # one block: no interval to give
+                result.evals.append((result.step, perplexity(model, blocks)))
+                return
+            measured = heldout_perplexity(model, blocks=blocks)  # the workbook's one protocol, with its interval
+            result.evals.append((result.step, measured.ppl))
+            result.eval_intervals.append((result.step, measured.low, measured.high))
 
     def sample() -> None:
         if tokenizer is not None and config.sample_prompt:

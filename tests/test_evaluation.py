@@ -149,7 +149,7 @@ def test_str_reads_as_the_workbook_prints_it(tiny):
         (lambda m: heldout_perplexity(m, blocks=random_blocks(4), confidence=95), "confidence"),
         (lambda m: heldout_perplexity(m, blocks=random_blocks(4), resamples=10), "resamples"),
         (lambda m: HeldOut(corpus="wiki"), "wiki"),
-        (lambda m: HeldOut(n_blocks=1), "n_blocks"),
+        (lambda m: HeldOut(n_blocks=0), "n_blocks"),
         (lambda m: HeldOut(n_blocks=10**6).blocks(char_tokenizer()), "at most"),
     ],
 )

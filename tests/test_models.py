@@ -158,10 +158,11 @@ NOISE = ("kernels-community", "is_gradient_checkpointing")
 NOISY_SCRIPT = """
 import logging, warnings
 {prelude}
-import bitsandbytes, peft
-import sys; sys.path.insert(0, "tests")
-from tiny_models import tiny_llama
-peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))  # the FutureWarning
+import bitsandbytes, peft, transformers
+config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=2)
+tiny = transformers.LlamaForCausalLM(config)  # built here: tests/tiny_models.py imports lorakit
+peft.get_peft_model(tiny, peft.LoraConfig(r=2, target_modules=["q_proj"]))  # the FutureWarning
 warnings.warn("a genuine FutureWarning", FutureWarning)
 logging.getLogger("bitsandbytes.backends.cpu.ops").warning("a genuine bitsandbytes warning")
 """

@@ -70,11 +70,14 @@ def main(argv: list[str] | None = None) -> int:
               "its adapter and metrics.json are there. Use another --out, or --overwrite, to train again")
         return 0
     m = result.metrics
+    def ci(key: str) -> str:
+        return f"  (95% CI {m[key][0]:.2f}-{m[key][1]:.2f})" if m.get(key) else ""
+
     if m["ppl_before"] is not None:
-        print(f"held-out perplexity before: {m['ppl_before']:.2f}")
+        print(f"held-out perplexity before: {m['ppl_before']:.2f}{ci('ppl_before_ci')}")
     if m["ppl_after"] is not None:
         change = 100 * (m["ppl_after"] / m["ppl_before"] - 1)
-        print(f"held-out perplexity after:  {m['ppl_after']:.2f}  ({change:+.1f}%)")
+        print(f"held-out perplexity after:  {m['ppl_after']:.2f}{ci('ppl_after_ci')}  ({change:+.1f}%)")
     rate = f" ({m['seconds_per_step']:.2f} s/step)" if m["seconds_per_step"] else ""
     print(f"{m['steps']} steps, {m['steps_this_process']} of them in this process in {m['seconds']:.1f} s{rate}; "
           f"peak RSS {m['peak_rss_mb']:.0f} MB")

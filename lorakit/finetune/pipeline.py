@@ -16,16 +16,17 @@ asks whether the run fits in the free memory (``fit.check_memory``).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from lorakit import _quiet
 from lorakit._io import atomic_write_json
 from lorakit.adapter import save_adapter
 from lorakit.codebooks import KINDS
 from lorakit.data import split_documents, tokenize_blocks
+from lorakit.evaluation import HeldOut
 from lorakit.finetune.config import FinetuneConfig, settings_of, validate
 from lorakit.finetune.fit import check_memory, estimate
 from lorakit.finetune.output import ADAPTER_DIR, CHECKPOINT_DIR, METRICS_FILE, prepare_output, remove_checkpoint
@@ -49,7 +50,8 @@ def load_data(tokenizer, config: FinetuneConfig) -> tuple[torch.Tensor, torch.Te
     """``(train_blocks, val_blocks)``, each ``(N, seq_len)``; too little text is a clear error."""
     train_docs, val_docs = split_documents(config.corpus, seed=0)
     train_blocks = tokenize_blocks(tokenizer, train_docs, config.seq_len, max_blocks=config.train_blocks)
-    val_blocks = tokenize_blocks(tokenizer, val_docs, config.seq_len, max_blocks=config.eval_blocks)
+    # the workbook's held-out set (lorakit.evaluation.HeldOut): eval_blocks blocks spread evenly over the split
+    val_blocks = HeldOut(corpus=config.corpus, n_blocks=config.eval_blocks, seq_len=config.seq_len).blocks(tokenizer)
     if len(train_blocks) < config.batch_size:
         raise ValueError(
             f"the training data holds {len(train_blocks)} blocks of {config.seq_len} tokens, fewer than one "
@@ -109,17 +111,14 @@ def _build_hf(config: FinetuneConfig, device, dtype):
         )
         kwargs["device_map"] = {"": str(device or "cpu")}
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    with _quiet.loading():  # no "Loading weights" progress bar on stderr
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if config.method != "qlora" and device is not None:
         model = model.to(device)
     if config.method in ("lora", "qlora"):
         lora_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.targets),
                                  lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
-        with warnings.catch_warnings():
-            # peft 0.21 asks transformers 5 for the renamed is_gradient_checkpointing: a FutureWarning
-            # about peft's code, not the learner's, and its text shows a machine path.
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            model = get_peft_model(model, lora_config)
+        model = get_peft_model(model, lora_config)  # its FutureWarning is silenced once, in lorakit._quiet
     keep_bnb_reference_path(model)  # no bfloat16 repacking on AVX512-BF16 CPUs: it breaks training
     model.eval()
     return model, tokenizer
@@ -144,6 +143,12 @@ def parameter_count(model: torch.nn.Module) -> ParameterCount:
         if isinstance(module, Linear4bit):
             total += module.out_features * module.in_features
     return ParameterCount(trainable, total, 100.0 * trainable / total if total else 0.0)
+
+
+def _interval_at(result: TrainResult, step: int) -> list[float] | None:
+    """The held-out perplexity's interval measured at ``step``, ``[low, high]``; None if none was."""
+    found = [[round(low, 2), round(high, 2)] for at, low, high in result.eval_intervals if at == step]
+    return found[-1] if found else None
 
 
 def _settings_with_aliases(settings: dict) -> dict:
@@ -210,6 +215,8 @@ def finetune(
     metrics = {
         "ppl_before": result.evals[0][1] if result.evals and result.evals[0][0] == 0 else None,
         "ppl_after": result.evals[-1][1] if finished and measured_now else None,  # None: not measured
+        "ppl_before_ci": _interval_at(result, 0),  # 95% bootstrap interval over the held-out blocks
+        "ppl_after_ci": _interval_at(result, result.step) if finished and measured_now else None,
         "steps": result.step,
         "steps_this_process": result.steps_run,
         "seconds": round(result.seconds, 2),  # this process's training time
