@@ -340,3 +340,62 @@ def storage(packed: torch.Tensor, state: QuantState) -> Storage:
         absmax2_bytes=_nbytes(second.absmax) if second else 0,
         constant_bytes=_nbytes(state.code) + _nbytes(state.offset) + (_nbytes(second.code) if second else 0),
     )
+
+
+# ---------------------------------------------------------------- affine (zero-point) Int-k
+@dataclass
+class AffineQuant:
+    """Affine Int-k per block: ``x ~ scale * q + minimum``, ``q`` in ``0 .. 2**k - 1``.
+
+    The integer baseline that GPTQ, AWQ and llama.cpp use (llama.cpp's Q4_1 is k = 4, blocks of 32,
+    ``scale`` and ``minimum`` in float16). Unlike symmetric absmax (:func:`lorakit.codebooks.integer`),
+    all ``2**k`` levels are used and they span ``[min, max]`` of the block, not ``[-absmax, absmax]``.
+    codes: (n,) uint8, unpacked; scale, minimum: (n_blocks,) in ``constants_dtype``.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    minimum: torch.Tensor
+    shape: torch.Size
+    bits: int
+    blocksize: int
+
+    def dequantize(self) -> torch.Tensor:
+        """``scale * q + minimum`` in float32, reshaped to the original tensor's shape."""
+        q = self.codes.float().view(-1, self.blocksize)  # (n_blocks, blocksize)
+        w = q * self.scale.float().view(-1, 1) + self.minimum.float().view(-1, 1)
+        return w.view(-1)[: math.prod(self.shape)].view(self.shape)
+
+    @property
+    def bits_per_parameter(self) -> float:
+        """k bits per code plus the two per-block constants, from the stored tensors' byte sizes."""
+        n = math.prod(self.shape)
+        constant_bytes = _nbytes(self.scale) + _nbytes(self.minimum)
+        return self.bits + 8 * constant_bytes / n
+
+
+def quantize_affine(
+    w: torch.Tensor, bits: int = 4, blocksize: int = 64, constants_dtype: torch.dtype = torch.float16
+) -> AffineQuant:
+    """Affine (zero-point) Int-k quantization per block, written as llama.cpp's ``quantize_row_q4_1``.
+
+    Per block: ``d = (max - min) / (2**k - 1)``, ``q = trunc((x - min) / d + 0.5)`` clipped to
+    ``0 .. 2**k - 1``; ``d`` and ``min`` are then stored in ``constants_dtype`` (float16 in Q4_1).
+    With k = 4, blocksize 32 and float16 it reproduces ``gguf.quants`` Q4_1 (tests/test_quantization.py).
+    At blocksize 64 with float16 constants it costs 4.5 bits per parameter, the same as NF4 with a
+    float32 absmax, so the two compare at equal memory.
+    """
+    check_blocksize(blocksize)
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+        raise ValueError(f"affine bits={bits!r} is out of range; valid: 2 to 8")
+    check_weight(w)
+    flat = w.detach().reshape(-1).float()  # (n,)
+    pad = (-flat.numel()) % blocksize
+    blocks = torch.nn.functional.pad(flat, (0, pad), value=float(flat[-1])).view(-1, blocksize)  # (n_blocks, B)
+    lo, hi = blocks.amin(dim=1, keepdim=True), blocks.amax(dim=1, keepdim=True)  # (n_blocks, 1)
+    levels = 2**bits - 1
+    d = (hi - lo) / levels
+    inverse = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    codes = torch.trunc((blocks - lo) * inverse + 0.5).clamp(0, levels).to(torch.uint8)  # (n_blocks, B)
+    return AffineQuant(codes.view(-1), d.view(-1).to(constants_dtype), lo.view(-1).to(constants_dtype),
+                       w.shape, bits, blocksize)

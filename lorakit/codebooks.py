@@ -89,6 +89,24 @@ def normal_float(bits: int = 4, offset: float | None = None, symmetric: bool = F
     return values / values.max()
 
 
+def normal_float_eq4(bits: int = 4) -> torch.Tensor:
+    """The paper's Eq. 4, read literally: ``q_i = (Q(i / (2^k + 1)) + Q((i + 1) / (2^k + 1))) / 2``.
+
+    QLoRA section 3 defines the NF-k values as averages of neighbouring quantiles of N(0, 1) at
+    ``2^k + 1`` equal slices of probability. The two outermost averages involve ``Q(0) = -inf`` and
+    ``Q(1) = +inf``, so only the ``2^k - 1`` inner ones (``i = 1 .. 2^k - 1``) are finite; they are
+    symmetric with an exact zero in the middle. Scaled so the largest is 1: ``(2**k - 1,)`` float32.
+    What bitsandbytes builds (:func:`normal_float`, ``create_normal_map``) differs: quantiles at
+    evenly spaced probabilities from an offset down to 0.5, 8 positive and 7 negative.
+    """
+    check_codebook("nf", bits)
+    slices = 2**bits + 1
+    edges = torch.arange(1, slices, dtype=torch.float64) / slices  # (2^k,): i / (2^k + 1), i = 1 .. 2^k
+    quantiles = torch.special.ndtri(edges)  # finite: 0 < p < 1
+    values = (quantiles[:-1] + quantiles[1:]) / 2  # (2^k - 1,)
+    return (values / values.max()).float()
+
+
 def integer(bits: int = 4) -> torch.Tensor:
     """Symmetric Int-k: ``(-M..-1, -0, 0, 1..M) / M`` with ``M = 2**(k-1) - 1``, ``(2**k,)`` float32.
 

@@ -142,3 +142,28 @@ class Gpt3LoRA:
 def order_of_magnitude(x: float) -> int:
     """``round(log10(x))``: 9,000 and 11,000 are both "10,000x"."""
     return round(math.log10(x))
+
+
+def first_step_update(d: int, r: int, alpha: float, rslora: bool = False, lr: float = 1e-3, seed: int = 0) -> float:
+    """``||scaling * B A||_F`` after one AdamW step of a fresh ``(d, d)`` LoRA layer on a fixed random regression.
+
+    Why ``alpha / r`` (LoRA §4.1) and what rsLoRA changes (Kalajdzievski 2023, arXiv:2312.03732):
+    Adam moves each entry of ``B`` by about ``lr`` on its first step whatever the gradient's size, so
+    ``||B A||`` grows like ``sqrt(r)``. Scaled by ``alpha / r`` the step then shrinks like ``1 / sqrt(r)``
+    (large ranks learn slowly); scaled by ``alpha / sqrt(r)`` (rsLoRA) it stays the same for every ``r``.
+    """
+    from lorakit.lora import LoRALinear  # lora imports this module's neighbours; keep the import local
+
+    g = torch.Generator().manual_seed(seed)
+    base = nn.Linear(d, d, bias=False)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(d, d, generator=g) / math.sqrt(d))
+    torch.manual_seed(seed)
+    layer = LoRALinear(base, r=r, alpha=alpha, rslora=rslora)
+    x, target = torch.randn(64, d, generator=g), torch.randn(64, d, generator=g)  # (N, d)
+    optimizer = torch.optim.AdamW([layer.lora_A, layer.lora_B], lr=lr, weight_decay=0.0)
+    loss = (layer(x) - target).pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        return float((layer.lora_B @ layer.lora_A).norm() * layer.scaling)

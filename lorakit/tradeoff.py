@@ -100,3 +100,32 @@ def codebook_error(w: torch.Tensor, table: torch.Tensor, blocksize: int = 64) ->
     values = torch.nn.functional.pad(table.float()[codes.long()], (0, n_blocks * blocksize - flat.numel()))
     w_hat = (values.view(n_blocks, blocksize) * absmax.view(-1, 1)).view(-1)[: flat.numel()]
     return float((w_hat - flat).pow(2).mean().sqrt())
+
+
+# ---------------------------------------------------------------- is NF4's premise true?
+def block_normalized(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+    """What NF4 actually sees: each block of ``w`` divided by its absmax, ``(n,)`` float32 in [-1, 1]."""
+    check_blocksize(blocksize)
+    scaled, _ = absmax_scale(w.detach().reshape(-1).float(), blocksize)
+    return scaled
+
+
+def excess_kurtosis(x: torch.Tensor) -> float:
+    """``E[(x - mean)^4] / var^2 - 3`` (population moments): 0 for a normal law, 3 for Laplace, -1.2 for uniform."""
+    x = x.detach().double().reshape(-1)
+    centred = x - x.mean()
+    var = centred.pow(2).mean()
+    return float(centred.pow(4).mean() / var**2 - 3)
+
+
+def ks_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical CDFs.
+
+    Same value as ``scipy.stats.ks_2samp(a, b).statistic`` (tests/test_quantization.py).
+    """
+    a = a.detach().double().reshape(-1).sort().values
+    b = b.detach().double().reshape(-1).sort().values
+    grid = torch.cat([a, b])  # the CDFs only jump at sample points
+    cdf_a = torch.searchsorted(a, grid, right=True).double() / a.numel()
+    cdf_b = torch.searchsorted(b, grid, right=True).double() / b.numel()
+    return float((cdf_a - cdf_b).abs().max())

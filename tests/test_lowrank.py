@@ -194,3 +194,13 @@ def test_interleaved_latency_times_every_function_in_every_round():
     assert set(result) == {"a", "b"} and all(r["seconds"] >= 0 and r["spread"] >= 0 for r in result.values())
     with pytest.raises(ValueError, match="rounds >= 1"):
         interleaved_latency({"a": count("a")}, rounds=0, repeats=1)
+
+
+def test_first_step_update_alpha_over_r_shrinks_rslora_does_not():
+    """rsLoRA's argument, measured: after one Adam step ||(alpha/r) B A|| falls like 1/sqrt(r)."""
+    from lorakit.lowrank import first_step_update
+
+    plain = {r: first_step_update(128, r, alpha=16) for r in (4, 16)}
+    rs = {r: first_step_update(128, r, alpha=16, rslora=True) for r in (4, 16)}
+    assert plain[16] / plain[4] == pytest.approx(0.5, rel=0.2)  # 1 / sqrt(16 / 4)
+    assert rs[16] / rs[4] == pytest.approx(1.0, rel=0.2)

@@ -432,3 +432,69 @@ def test_state_must_belong_to_the_packed_tensor():
         dequantize_4bit(packed_a.int(), state_a)
     with pytest.raises(TypeError, match="QuantState"):
         dequantize_4bit(packed_a, {"absmax": state_a.absmax})
+
+
+# ---------------------------------------------------------------- affine Int4, Eq. 4, normality statistics
+@pytest.mark.parametrize("seed", [0, 1])
+def test_affine_int4_blocks_of_32_equal_gguf_q4_1(seed):
+    """quantize_affine(bits=4, blocksize=32, float16) is llama.cpp's Q4_1, as gguf-py writes it."""
+    np = pytest.importorskip("numpy")
+    gguf_quants = pytest.importorskip("gguf.quants")
+    from gguf import GGMLQuantizationType
+
+    from lorakit.blockwise import quantize_affine
+
+    w = torch.randn(8, 96, generator=torch.Generator().manual_seed(seed)) * 0.02
+    ours = quantize_affine(w, bits=4, blocksize=32, constants_dtype=torch.float16).dequantize()
+    packed = gguf_quants.quantize(w.numpy().astype(np.float32), GGMLQuantizationType.Q4_1)
+    ref = torch.from_numpy(gguf_quants.dequantize(packed, GGMLQuantizationType.Q4_1).copy()).view(w.shape)
+    assert torch.equal(ours, ref)
+
+
+def test_affine_uses_every_level_and_costs_constants():
+    from lorakit.blockwise import quantize_affine
+
+    w = torch.linspace(-1, 3, 64)
+    q = quantize_affine(w, bits=4, blocksize=64)
+    assert q.codes.unique().numel() == 16  # all 2**4 levels, unlike symmetric absmax (15)
+    assert q.bits_per_parameter == 4 + 2 * 16 / 64  # float16 scale and minimum per block of 64
+    assert (q.dequantize() - w).abs().max() <= float(q.scale[0]) / 2 + 1e-3
+    with pytest.raises(ValueError, match="bits=9"):
+        quantize_affine(w, bits=9)
+
+
+def test_normal_float_eq4_against_statistics_normal_dist():
+    """QLoRA Eq. 4 with an independent inverse CDF (the standard library's NormalDist)."""
+    from statistics import NormalDist
+
+    from lorakit.codebooks import normal_float_eq4
+
+    k = 4
+    q = NormalDist().inv_cdf
+    n = 2**k + 1
+    ref = [(q(i / n) + q((i + 1) / n)) / 2 for i in range(1, 2**k)]
+    ref = torch.tensor(ref, dtype=torch.float64)
+    table = normal_float_eq4(k)
+    assert table.shape == (2**k - 1,)
+    torch.testing.assert_close(table, (ref / ref.max()).float(), rtol=0, atol=1e-6)
+    assert (table == 0).sum() == 1 and torch.equal(table, -table.flip(0))
+    assert not torch.equal(table, normal_float(k)[1:])  # not bitsandbytes' create_normal_map
+
+
+def test_ks_distance_and_kurtosis_against_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    from lorakit.tradeoff import excess_kurtosis, ks_distance
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(500, generator=g), torch.rand(300, generator=g) * 4 - 2
+    assert ks_distance(a, b) == pytest.approx(stats.ks_2samp(a.numpy(), b.numpy()).statistic, abs=1e-12)
+    assert excess_kurtosis(a) == pytest.approx(float(stats.kurtosis(a.double().numpy(), fisher=True, bias=True)), abs=1e-9)
+    assert excess_kurtosis(b) < -1.0  # uniform: -1.2
+
+
+def test_block_normalized_is_what_the_quantizer_scales():
+    from lorakit.tradeoff import block_normalized
+
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    scaled = block_normalized(w, 64).view(4, 64)
+    torch.testing.assert_close(scaled, w / w.abs().amax(dim=1, keepdim=True))
