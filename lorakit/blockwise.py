@@ -225,6 +225,8 @@ def dequantize_blockwise_reference(packed: torch.Tensor, state: QuantState) -> t
     codes = unpack_codes(packed, state.bits, state.numel).long()  # (n,)
     scale = absmax.repeat_interleave(state.blocksize)[: state.numel]  # (n,) each value's block absmax
     return (state.code[codes] * scale).to(state.dtype).view(state.shape)
+
+
 # book: end of dequantize, the reference
 
 
@@ -397,5 +399,6 @@ def quantize_affine(
     d = (hi - lo) / levels
     inverse = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
     codes = torch.trunc((blocks - lo) * inverse + 0.5).clamp(0, levels).to(torch.uint8)  # (n_blocks, B)
-    return AffineQuant(codes.view(-1), d.view(-1).to(constants_dtype), lo.view(-1).to(constants_dtype),
-                       w.shape, bits, blocksize)
+    return AffineQuant(
+        codes.view(-1), d.view(-1).to(constants_dtype), lo.view(-1).to(constants_dtype), w.shape, bits, blocksize
+    )

@@ -161,12 +161,10 @@ def parse_kind(kind: str, bits: int | None = None) -> tuple[str, int]:
     if not isinstance(kind, str):
         raise TypeError(f"kind must be a string such as 'nf4', got {kind!r}")
     family = kind.rstrip("0123456789").lower()
-    digits = kind[len(family):]
+    digits = kind[len(family) :]
     if digits:
         if bits is not None and int(digits) != bits:
-            raise ValueError(
-                f"kind={kind!r} says {digits} bits but bits={bits}; pass kind={family!r} with bits={bits}"
-            )
+            raise ValueError(f"kind={kind!r} says {digits} bits but bits={bits}; pass kind={family!r} with bits={bits}")
         bits = int(digits)
     bits = 4 if bits is None else bits
     check_codebook(family, bits)
@@ -188,7 +186,11 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     non_sign_bits = total_bits - 1
     extra = 2 ** (non_sign_bits - max_exponent_bits) - 1  # codes when all exponent bits are zero
     for e in range(max_exponent_bits):
-        n = 2 ** (e + non_sign_bits - max_exponent_bits) + 1 if signed else 2 ** (e + non_sign_bits - max_exponent_bits + 1) + 1
+        n = (
+            2 ** (e + non_sign_bits - max_exponent_bits) + 1
+            if signed
+            else 2 ** (e + non_sign_bits - max_exponent_bits + 1) + 1
+        )
         edges = torch.linspace(0.1, 1, n, dtype=torch.float32)
         fractions = (edges[:-1] + edges[1:]) / 2.0  # the midpoints of the grid
         scale = 10 ** (-(max_exponent_bits - 1) + e)
@@ -206,8 +208,10 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
             values += (-scale * fractions).tolist()
     values += [0.0, 1.0]
     if len(values) != 2**total_bits:
-        raise ValueError(f"dynamic map: {len(values)} values for {total_bits} bits "
-                         f"(max_exponent_bits={max_exponent_bits}, signed={signed})")
+        raise ValueError(
+            f"dynamic map: {len(values)} values for {total_bits} bits "
+            f"(max_exponent_bits={max_exponent_bits}, signed={signed})"
+        )
     values += [0.0] * (256 - len(values))
     return torch.tensor(sorted(values), dtype=torch.float32)
 

@@ -67,14 +67,18 @@ class RankReport:
         return self.lora_params / self.full_params
 
     def __str__(self) -> str:
-        return (f"r = {self.r}: {self.lora_params:,} trainable parameters ({100 * self.fraction:.2f}% of "
-                f"{self.full_params:,}); rank-{self.r} error of dW: {100 * self.rel_error:.1f}%")
+        return (
+            f"r = {self.r}: {self.lora_params:,} trainable parameters ({100 * self.fraction:.2f}% of "
+            f"{self.full_params:,}); rank-{self.r} error of dW: {100 * self.rel_error:.1f}%"
+        )
 
 
 def rank_report(s: torch.Tensor, d_in: int, d_out: int, r: int) -> RankReport:
     """The rank slider's numbers for rank ``r``, given the singular values ``s`` of a ``(d_out, d_in)`` update."""
     if len(s) != min(d_in, d_out):
-        raise ValueError(f"{len(s)} singular values do not belong to a ({d_out}, {d_in}) matrix; expected {min(d_in, d_out)}")
+        raise ValueError(
+            f"{len(s)} singular values do not belong to a ({d_out}, {d_in}) matrix; expected {min(d_in, d_out)}"
+        )
     return RankReport(r, lora_param_count(d_in, d_out, r), d_in * d_out, rank_r_error(s, r))
 
 

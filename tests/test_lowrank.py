@@ -187,6 +187,7 @@ def test_interleaved_latency_times_every_function_in_every_round():
     def count(name):
         def call():
             calls[name] += 1
+
         return call
 
     result = interleaved_latency({"a": count("a"), "b": count("b")}, rounds=3, repeats=2)

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from lorakit import (
     QuantState,
+    blockwise,
     codebook,
     dequantize_4bit,
     dequantize_absmax,
@@ -35,7 +36,6 @@ from lorakit import (
     quantize_blockwise,
     storage,
 )
-from lorakit import blockwise
 from lorakit.blockwise import dequantize_blockwise_reference, pack_codes, unpack_codes
 from lorakit.codebooks import widest_gap
 
@@ -488,7 +488,9 @@ def test_ks_distance_and_kurtosis_against_scipy():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(500, generator=g), torch.rand(300, generator=g) * 4 - 2
     assert ks_distance(a, b) == pytest.approx(stats.ks_2samp(a.numpy(), b.numpy()).statistic, abs=1e-12)
-    assert excess_kurtosis(a) == pytest.approx(float(stats.kurtosis(a.double().numpy(), fisher=True, bias=True)), abs=1e-9)
+    assert excess_kurtosis(a) == pytest.approx(
+        float(stats.kurtosis(a.double().numpy(), fisher=True, bias=True)), abs=1e-9
+    )
     assert excess_kurtosis(b) < -1.0  # uniform: -1.2
 
 
