@@ -332,7 +332,7 @@ def test_tiny_qlora_run_writes_adapter_and_metrics(tmp_path):
     assert metrics["total_params"] - metrics["trainable_params"] == metrics["base_params"] > 130e6  # 134.5 M
     assert not (tmp_path / "checkpoint").exists()  # removed once the run completed
     # the saved adapter, loaded onto a freshly built QLoRA model, gives the same logits
-    fresh = build_model(FinetuneConfig(method="qlora"))[0]
+    fresh = build_model(FinetuneConfig(method="qlora"), "cpu", getattr(torch, metrics["dtype"]))[0]  # the run's dtype
     load_adapter(fresh, tmp_path / "adapter")
     x = torch.randint(0, 1000, (1, 16))
     with torch.no_grad():
