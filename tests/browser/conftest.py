@@ -73,6 +73,12 @@ def lab(tmp_path):
     root = tmp_path / "notebooks"
     shutil.copytree(ROOT / "notebooks", root)
     port, token = free_port(), secrets.token_hex(16)
+    # JupyterLab 4 renders only the cells near the viewport of a long notebook ("windowing"); the tests
+    # read the whole notebook's text, so this server renders every cell.
+    settings = tmp_path / "lab-settings"
+    tracker = settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings"
+    tracker.parent.mkdir(parents=True)
+    tracker.write_text('{"windowingMode": "none"}')
     cmd = [
         str(Path(sys.executable).with_name("jupyter-lab")),
         "--no-browser",
@@ -81,6 +87,7 @@ def lab(tmp_path):
         f"--IdentityProvider.token={token}",
         f"--ServerApp.root_dir={root}",
         "--LabApp.news_url=None",
+        f"--LabApp.user_settings_dir={settings}",
         # window.jupyterapp, so a test can wait on the kernel connection's own state (lab.py)
         "--LabApp.expose_app_in_browser=True",
     ]
