@@ -23,6 +23,8 @@ from lorakit import (
     add_lora,
     codes_changed,
     compare_logits,
+    compare_perplexity,
+    heldout_perplexity,
     lora_layers,
     merge_qlora,
     perplexity,
@@ -265,6 +267,20 @@ def test_compare_logits(tiny):
     assert math.isclose(result["qlora"].mean_error, diff.mean().item(), rel_tol=1e-5)
     for name, m in (("base", tiny), ("qlora", model)):  # the perplexity of lorakit.data, from the same logits
         assert math.isclose(result[name].perplexity, perplexity(m, blocks), rel_tol=1e-5), name
+
+
+def test_compare_logits_reports_the_workbook_protocol(tiny):
+    """``heldout`` is what heldout_perplexity gives on the same blocks: same figure, interval and digest."""
+    model = qlora(tiny)
+    blocks = torch.randint(0, 64, (6, 9), generator=torch.Generator().manual_seed(4))  # (N, T)
+    result = compare_logits(tiny, {"qlora": model}, blocks, batch_size=4)["qlora"]
+    direct = heldout_perplexity(model, blocks=blocks)
+    assert result.heldout.blocks_digest == direct.blocks_digest
+    assert math.isclose(result.heldout.ppl, direct.ppl, rel_tol=1e-5)
+    assert math.isclose(result.heldout.low, direct.low, rel_tol=1e-4)
+    assert math.isclose(result.heldout.high, direct.high, rel_tol=1e-4)
+    assert result.heldout.low < result.heldout.ppl < result.heldout.high
+    assert compare_perplexity(direct, result.heldout).n_blocks == len(blocks)  # comparable with the protocol's results
 
 
 # ---------------------------------------------------------------- tokens per second
