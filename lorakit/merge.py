@@ -138,8 +138,11 @@ def _check_quantized_from(w0: torch.Tensor, q: Linear4bit, key: str) -> None:
     """Refuse a ``W0`` that ``q`` cannot hold a quantization of.
 
     Rounding to the nearest code moves a value by at most half the codebook's widest gap times its
-    block's absmax (0.15 x absmax for NF4), plus the error of the stored (double-quantized) absmax.
+    block's absmax (0.15 x absmax for NF4), plus the error of the stored (double-quantized) absmax,
+    plus one rounding step of the weights' dtype (a bfloat16 ``W0`` was scaled in bfloat16, so a value
+    near the middle of two codes may go to the farther one: 2**-7 x absmax at most).
     """
+    dtype_step = torch.finfo(w0.dtype).eps if w0.dtype.is_floating_point else 0.0
     deq, w0 = q.dequantize(torch.float32).flatten(), w0.float().flatten()
     pad = -w0.numel() % q.blocksize
     blocks = nn.functional.pad(w0, (0, pad)).view(-1, q.blocksize)  # (n_blocks, blocksize)
@@ -147,7 +150,8 @@ def _check_quantized_from(w0: torch.Tensor, q: Linear4bit, key: str) -> None:
     absmax = blocks.abs().amax(dim=1)  # (n_blocks,) the true constants
     state = q.state
     stored = dequantize_absmax(state.absmax, state.offset, state.state2) if state.nested else state.absmax
-    allowed = 1.01 * widest_gap(q.code) / 2 * absmax + (absmax - stored.float()).abs() + 1e-12  # (n_blocks,)
+    allowed = (1.01 * widest_gap(q.code) / 2 + dtype_step) * absmax  # (n_blocks,)
+    allowed = allowed + (absmax - stored.float()).abs() + 1e-12
     worst = int(torch.argmax(error - allowed))
     if error[worst] > allowed[worst]:
         raise ValueError(
