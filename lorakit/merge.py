@@ -23,6 +23,7 @@ writes and ``AutoModelForCausalLM.from_pretrained`` reads back without lorakit.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from torch import nn
 from lorakit.blockwise import quantize_blockwise, unpack_codes
 from lorakit.codebooks import widest_gap
 from lorakit.double_quant import dequantize_absmax
+from lorakit.evaluation import CONFIDENCE, RESAMPLES, Perplexity, _interval, _resampled_means
 from lorakit.linear4bit import Linear4bit, dequantize_model, set_module, to_float_layer
 from lorakit.lora import check_finite_merge, lora_layers
 
@@ -136,8 +138,11 @@ def _check_quantized_from(w0: torch.Tensor, q: Linear4bit, key: str) -> None:
     """Refuse a ``W0`` that ``q`` cannot hold a quantization of.
 
     Rounding to the nearest code moves a value by at most half the codebook's widest gap times its
-    block's absmax (0.15 x absmax for NF4), plus the error of the stored (double-quantized) absmax.
+    block's absmax (0.15 x absmax for NF4), plus the error of the stored (double-quantized) absmax,
+    plus one rounding step of the weights' dtype (a bfloat16 ``W0`` was scaled in bfloat16, so a value
+    near the middle of two codes may go to the farther one: 2**-7 x absmax at most).
     """
+    dtype_step = torch.finfo(w0.dtype).eps if w0.dtype.is_floating_point else 0.0
     deq, w0 = q.dequantize(torch.float32).flatten(), w0.float().flatten()
     pad = -w0.numel() % q.blocksize
     blocks = nn.functional.pad(w0, (0, pad)).view(-1, q.blocksize)  # (n_blocks, blocksize)
@@ -145,7 +150,8 @@ def _check_quantized_from(w0: torch.Tensor, q: Linear4bit, key: str) -> None:
     absmax = blocks.abs().amax(dim=1)  # (n_blocks,) the true constants
     state = q.state
     stored = dequantize_absmax(state.absmax, state.offset, state.state2) if state.nested else state.absmax
-    allowed = 1.01 * widest_gap(q.code) / 2 * absmax + (absmax - stored.float()).abs() + 1e-12  # (n_blocks,)
+    allowed = (1.01 * widest_gap(q.code) / 2 + dtype_step) * absmax  # (n_blocks,)
+    allowed = allowed + (absmax - stored.float()).abs() + 1e-12
     worst = int(torch.argmax(error - allowed))
     if error[worst] > allowed[worst]:
         raise ValueError(
@@ -180,6 +186,7 @@ class Comparison:
     max_error: float  # max |logits - reference logits|
     mean_error: float  # mean |logits - reference logits|
     perplexity: float  # the model's own held-out perplexity
+    heldout: Perplexity  # the same perplexity with its 95% bootstrap interval (lorakit.evaluation's protocol)
 
 
 @torch.no_grad()
@@ -189,24 +196,40 @@ def compare_logits(
     """Each model's logit error against ``reference`` and its perplexity, on ``(N, T)`` token blocks.
 
     One reference forward per batch serves every model; the perplexity is computed from the same
-    logits as ``lorakit.data.perplexity`` computes it (exp of the mean next-token cross-entropy).
+    logits as ``lorakit.data.perplexity`` computes it (exp of the mean next-token cross-entropy), and
+    ``heldout`` holds it as :func:`lorakit.heldout_perplexity` reports it: with a bootstrap interval
+    over the blocks, comparable by :func:`lorakit.compare_perplexity` with any result on the same blocks.
     """
     device = next(reference.parameters()).device
     worst = dict.fromkeys(models, 0.0)
-    error_sum, loss_sum = dict.fromkeys(models, 0.0), dict.fromkeys(models, 0.0)
-    n_logits = n_targets = 0
+    error_sum = dict.fromkeys(models, 0.0)
+    losses: dict[str, list[torch.Tensor]] = {name: [] for name in models}  # per-block mean losses
+    n_logits = 0
     for start in range(0, len(blocks), batch_size):
         ids = blocks[start : start + batch_size].to(device)  # (B, T)
         ref = reference(input_ids=ids).logits.float()  # (B, T, vocab)
         targets = ids[:, 1:].flatten()  # (B * (T - 1),) each position predicts the next token
-        n_logits, n_targets = n_logits + ref.numel(), n_targets + targets.numel()
+        n_logits += ref.numel()
         for name, model in models.items():
             logits = model(input_ids=ids).logits.float()  # (B, T, vocab)
             error = (logits - ref).abs()
             worst[name] = max(worst[name], error.max().item())
             error_sum[name] += error.sum().item()
-            loss_sum[name] += nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets, reduction="sum").item()
-    return {
-        name: Comparison(worst[name], error_sum[name] / n_logits, math.exp(loss_sum[name] / n_targets))
-        for name in models
-    }
+            nll = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets, reduction="none")  # (B * (T - 1),)
+            losses[name].append(nll.view(len(ids), -1).double().mean(dim=1).cpu())  # (B,)
+    out = {}
+    for name in models:
+        heldout = _perplexity_of(torch.cat(losses[name]), blocks)
+        out[name] = Comparison(worst[name], error_sum[name] / n_logits, heldout.ppl, heldout)
+    return out
+
+
+def _perplexity_of(block_losses: torch.Tensor, blocks: torch.Tensor) -> Perplexity:
+    """A :class:`Perplexity` from per-block losses ``(N,)``, built as ``heldout_perplexity`` builds it."""
+    low, high = _interval(_resampled_means(block_losses, RESAMPLES, 0), CONFIDENCE)
+    return Perplexity(
+        ppl=math.exp(block_losses.mean().item()), low=math.exp(low), high=math.exp(high), confidence=CONFIDENCE,
+        n_blocks=len(blocks), seq_len=blocks.shape[1], heldout="given blocks",
+        block_losses=tuple(block_losses.tolist()),
+        blocks_digest=hashlib.sha256(blocks.cpu().numpy().tobytes()).hexdigest()[:12], resamples=RESAMPLES, seed=0,
+    )

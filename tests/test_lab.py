@@ -40,7 +40,7 @@ def fake_runs(steps=200) -> dict:
     q_led = ledger(170 * MB, 20 * MB, 39 * MB, 150 * MB)
     quantized = dict(params=106_000_000, bytes=55 * MB, bits_per_param=4.127)
     return {
-        "settings": dict(steps=steps, min_quality_steps=100, rank=8, batch_size=2, seq_len=64, seed=0,
+        "settings": dict(steps=steps, min_quality_steps=100, rank=8, batch_size=2, seq_len=64, eval_blocks=8, seed=0,
                          device="cpu", dtype="float32", device_name="CPU", seconds=100.0),
         "full": run(6.0, 20.0, 15.0, 134_515_008, ledger(540 * MB, 540 * MB, 1080 * MB, 300 * MB),
                     checkpoint_bytes=538 * MB),
@@ -353,5 +353,17 @@ def test_cli_tiny_real_run(tmp_path, capsys, monkeypatch):
     assert runs["inference"]["qlora_merge_into_4bit"].startswith("refused")
     # the inference job reloads the saved QLoRA adapter: it computes what the trained model did
     assert runs["inference"]["ppl"]["qlora"] == pytest.approx(runs["qlora_nf4"]["ppl_after"], rel=1e-4)
+    # every perplexity comes with its bootstrap interval (the workbook's protocol), and the pairs are compared
+    inference = runs["inference"]
+    assert set(inference["ppl_ci"]) == set(inference["ppl"])
+    for name, ppl in inference["ppl"].items():
+        low, high = inference["ppl_ci"][name]
+        assert low <= ppl <= high, name
+    low, high = runs["qlora_nf4"]["ppl_after_ci"]
+    assert low - 0.01 <= runs["qlora_nf4"]["ppl_after"] <= high + 0.01  # the metrics round the interval to 0.01
+    pair = inference["paired"]["lora_then_nf4_adapter vs qlora"]
+    assert pair["ratio"] == pytest.approx(inference["ppl"]["lora_then_nf4_adapter"] / inference["ppl"]["qlora"])
+    assert pair["significant"] == (not pair["low"] <= 1 <= pair["high"])
+    assert "held-out perplexity on 2 evenly spaced blocks" in (tmp_path / "lab.md").read_text()
     assert "| source | claim |" in capsys.readouterr().out
     assert len(made) == 1 and not Path(made[0]).exists()

@@ -12,7 +12,7 @@ import copy
 import torch
 
 from lorakit.adapter import load_adapter
-from lorakit.data import perplexity
+from lorakit.evaluation import compare_perplexity, heldout_perplexity
 from lorakit.finetune import load_data
 from lorakit.lab.config import device_and_dtype, finetune_config, lab_config
 from lorakit.lab.measure import storage_line
@@ -22,6 +22,16 @@ from lorakit.memory import model_bytes
 from lorakit.merge import merge_qlora
 from lorakit.models import count_parameters, load_base_model
 from lorakit.timing import StageClock, interleaved_latency
+
+
+# (before, after) pairs the inference job compares on the same held-out blocks
+PAIRS = (("base", "base_nf4_dq"), ("base_nf4", "base_nf4_dq"), ("qlora", "lora_then_nf4_adapter"),
+         ("qlora", "lora_merged_then_nf4"), ("qlora", "qlora_merged_requantized"), ("lora", "qlora"))
+
+
+def _change(change) -> dict:
+    """A :class:`lorakit.evaluation.PerplexityChange` as plain numbers (the lab's results are JSON)."""
+    return dict(ratio=change.ratio, low=change.low, high=change.high, significant=change.significant)
 
 
 def merge_adapter(model: torch.nn.Module) -> torch.nn.Module:
@@ -58,34 +68,40 @@ def inference_run(settings: dict, adapters: dict[str, str]) -> dict:
     val_blocks = val_blocks.to(device)
     prompt = val_blocks.reshape(-1)[: config.latency_tokens].view(1, -1)  # (1, T)
 
-    def ppl(model) -> float:
-        return perplexity(model, val_blocks)
+    out: dict = dict(ppl={}, ppl_ci={}, bits={}, weight_bytes={})
+    measured: dict = {}  # name -> lorakit.evaluation.Perplexity, for the paired comparisons below
+
+    def ppl(model, name: str) -> float:
+        """The workbook's protocol on the lab's held-out blocks; the interval goes to out["ppl_ci"]."""
+        result = heldout_perplexity(model, blocks=val_blocks)
+        measured[name] = result
+        out["ppl_ci"][name] = [result.low, result.high]
+        return result.ppl
 
     def nf4(model, double_quant=True, quant_type="nf"):
         return quantize_model(copy.deepcopy(model), quant_type=quant_type, double_quant=double_quant)
 
-    out: dict = dict(ppl={}, bits={}, weight_bytes={})
     clock = StageClock()
-    out["ppl"]["base"] = ppl(base)
+    out["ppl"]["base"] = ppl(base, "base")
     out["weight_bytes"]["base"] = model_bytes(base)
     # the base in NF4 with and without double quantization (FP4: the qlora_fp4 run's own base)
     base_nf4 = nf4(base)
     plain_nf4 = nf4(base, double_quant=False)
     out["bits"] = dict(nf4_dq=storage_line(base_nf4), nf4=storage_line(plain_nf4))
-    out["ppl"]["base_nf4_dq"], out["ppl"]["base_nf4"] = ppl(base_nf4), ppl(plain_nf4)
+    out["ppl"]["base_nf4_dq"], out["ppl"]["base_nf4"] = ppl(base_nf4, "base_nf4_dq"), ppl(plain_nf4, "base_nf4")
     del plain_nf4
     out["weight_bytes"]["base_nf4_dq"] = model_bytes(base_nf4)
     clock("quantize the base")
     # LoRA: as trained (unmerged) and merged
     lora = load_adapter(copy.deepcopy(base), adapters["lora"])
-    out["ppl"]["lora"] = ppl(lora)
+    out["ppl"]["lora"] = ppl(lora, "lora")
     lora_merged = merge_adapter(copy.deepcopy(lora))
-    out["ppl"]["lora_merged"] = ppl(lora_merged)
+    out["ppl"]["lora_merged"] = ppl(lora_merged, "lora_merged")
     out["merged_same_structure_as_base"] = _same_structure(lora_merged, base)
     clock("LoRA unmerged and merged")
     # QLoRA: merging into the 4-bit base is refused; dequantize, then merge
     qlora = load_adapter(copy.deepcopy(base_nf4), adapters["qlora_nf4"])
-    out["ppl"]["qlora"] = ppl(qlora)
+    out["ppl"]["qlora"] = ppl(qlora, "qlora")
     try:
         merge_lora(copy.deepcopy(qlora))
         out["qlora_merge_into_4bit"] = "merged"
@@ -94,23 +110,28 @@ def inference_run(settings: dict, adapters: dict[str, str]) -> dict:
     qlora_merged = merge_adapter(copy.deepcopy(qlora))
     logits = qlora(input_ids=prompt).logits.float()
     out["qlora_merge_max_logit_diff"] = float((qlora_merged(input_ids=prompt).logits.float() - logits).abs().max())
-    out["ppl"]["qlora_merged"] = ppl(qlora_merged)
+    out["ppl"]["qlora_merged"] = ppl(qlora_merged, "qlora_merged")
     out["weight_bytes"]["qlora_merged"] = model_bytes(qlora_merged)
     requantized = nf4(qlora_merged)
-    out["ppl"]["qlora_merged_requantized"] = ppl(requantized)
+    out["ppl"]["qlora_merged_requantized"] = ppl(requantized, "qlora_merged_requantized")
     del requantized
     clock("QLoRA merge")
     # LoRA in 16 bit, quantized afterwards: the adapter over an NF4 base, or the merged model in NF4
     lora_over_nf4 = load_adapter(copy.deepcopy(base_nf4), adapters["lora"])
-    out["ppl"]["lora_then_nf4_adapter"] = ppl(lora_over_nf4)
+    out["ppl"]["lora_then_nf4_adapter"] = ppl(lora_over_nf4, "lora_then_nf4_adapter")
     out["weight_bytes"]["lora_then_nf4_adapter"] = model_bytes(lora_over_nf4)
     out["weight_bytes"]["qlora"] = model_bytes(qlora)
     del lora_over_nf4
     lora_merged_nf4 = nf4(lora_merged)
-    out["ppl"]["lora_merged_then_nf4"] = ppl(lora_merged_nf4)
+    out["ppl"]["lora_merged_then_nf4"] = ppl(lora_merged_nf4, "lora_merged_then_nf4")
     out["weight_bytes"]["lora_merged_then_nf4"] = model_bytes(lora_merged_nf4)
     del lora_merged_nf4
     clock("LoRA quantized afterwards")
+    # paired comparisons on the same blocks (lorakit.compare_perplexity): is a difference outside the noise?
+    out["paired"] = {
+        f"{b} vs {a}": _change(compare_perplexity(measured[a], measured[b]))
+        for a, b in PAIRS
+    }
 
     def forward(model):
         def call():

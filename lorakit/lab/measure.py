@@ -96,6 +96,7 @@ def train_run(name: str, settings: dict, adapter_dir: str | None) -> dict:
     out = dict(
         method=fconfig.method, quant_type=fconfig.kind if fconfig.method == "qlora" else None,
         lr=fconfig.learning_rate, ppl_before=result.metrics["ppl_before"], ppl_after=result.metrics["ppl_after"],
+        ppl_before_ci=result.metrics["ppl_before_ci"], ppl_after_ci=result.metrics["ppl_after_ci"],  # 95% intervals
         final_loss=result.metrics["final_loss"],
         step_seconds=statistics.median(gaps) if gaps else result.metrics["seconds_per_step"],
         trainable_params=result.metrics["trainable_params"], total_params=result.metrics["total_params"],

@@ -42,7 +42,9 @@ class LabResult:
     def markdown(self) -> str:
         s = self.runs["settings"]
         head = (f"# LoRA vs QLoRA, measured\n\nSmolLM2 on {s['device_name']} ({s['dtype']}), {s['steps']} steps of "
-                f"{s['batch_size']} x {s['seq_len']} tokens, seed {s['seed']}; lab run took {s['seconds']:.0f} s.\n\n")
+                f"{s['batch_size']} x {s['seq_len']} tokens, seed {s['seed']}; held-out perplexity on {s['eval_blocks']} "
+                f"evenly spaced blocks of {s['seq_len']} tokens (lorakit.HeldOut), with 95% bootstrap intervals; "
+                f"lab run took {s['seconds']:.0f} s.\n\n")
         return head + markdown_table(self.claims)
 
     def verdict(self, claim_start: str) -> str:
