@@ -80,8 +80,9 @@ def merge_qlora(
         w = w0 + layer.delta_weight()  # W0 + (alpha / r) B A in the promoted dtype, as peft's bnb merge adds them
         check_finite_merge(f"merge_qlora: LoRA layer {name!r}", layer, w.to(w0.dtype))
         if strategy == "requantized":  # peft: Params4bit(w_data) quantizes the sum before any rounding to W0's dtype
-            packed, state = quantize_blockwise(w, base.quant_type, base.blocksize, base.double_quant, base.bits,
-                                               name=f"{name}.weight")
+            packed, state = quantize_blockwise(
+                w, base.quant_type, base.blocksize, base.double_quant, base.bits, name=f"{name}.weight"
+            )
             state = dataclasses.replace(state, dtype=base.weight_dtype)  # decodes to W0's dtype, as before the merge
             merged_layers[name] = Linear4bit(packed, state, base.bias, base.from_conv1d).to(base.weight_packed.device)
         else:
@@ -169,8 +170,10 @@ def codes_changed(before: nn.Module, after: nn.Module) -> float:
     """
     a, b = _four_bit_layers(before), _four_bit_layers(after)
     if not a or a.keys() != b.keys():
-        raise ValueError(f"the models' 4-bit layers differ: {len(a)} and {len(b)} layers, "
-                         f"{len(a.keys() ^ b.keys())} names in one only; compare two quantizations of one model")
+        raise ValueError(
+            f"the models' 4-bit layers differ: {len(a)} and {len(b)} layers, "
+            f"{len(a.keys() ^ b.keys())} names in one only; compare two quantizations of one model"
+        )
     changed = total = 0
     for name, qa in a.items():
         qb, n = b[name], qa.out_features * qa.in_features
@@ -228,8 +231,15 @@ def _perplexity_of(block_losses: torch.Tensor, blocks: torch.Tensor) -> Perplexi
     """A :class:`Perplexity` from per-block losses ``(N,)``, built as ``heldout_perplexity`` builds it."""
     low, high = _interval(_resampled_means(block_losses, RESAMPLES, 0), CONFIDENCE)
     return Perplexity(
-        ppl=math.exp(block_losses.mean().item()), low=math.exp(low), high=math.exp(high), confidence=CONFIDENCE,
-        n_blocks=len(blocks), seq_len=blocks.shape[1], heldout="given blocks",
+        ppl=math.exp(block_losses.mean().item()),
+        low=math.exp(low),
+        high=math.exp(high),
+        confidence=CONFIDENCE,
+        n_blocks=len(blocks),
+        seq_len=blocks.shape[1],
+        heldout="given blocks",
         block_losses=tuple(block_losses.tolist()),
-        blocks_digest=hashlib.sha256(blocks.cpu().numpy().tobytes()).hexdigest()[:12], resamples=RESAMPLES, seed=0,
+        blocks_digest=hashlib.sha256(blocks.cpu().numpy().tobytes()).hexdigest()[:12],
+        resamples=RESAMPLES,
+        seed=0,
     )

@@ -9,14 +9,15 @@ import pytest
 import torch
 from tiny_models import ALL_PROJ, tiny_llama
 
-from lorakit import add_lora, count_parameters, estimate_memory, quantization_tradeoff, quantize_model
-from lorakit import figure_png
+from lorakit import add_lora, count_parameters, estimate_memory, figure_png, quantization_tradeoff, quantize_model
 from lorakit.finetune.report import RunBoard, SettingReport, block_weights, check_setting, setting_report
-from lorakit.widgets.finetune import FinetuneControl, loss_figure, memory_figure
 from lorakit.linear4bit import Linear4bit
+from lorakit.widgets.finetune import FinetuneControl, loss_figure, memory_figure
 
 
-@pytest.mark.parametrize("rank,bits,quant_type", [(1, 2, "int"), (8, 4, "nf"), (16, 4, "fp"), (12, 8, "nf"), (4, 3, "nf")])
+@pytest.mark.parametrize(
+    "rank,bits,quant_type", [(1, 2, "int"), (8, 4, "nf"), (16, 4, "fp"), (12, 8, "nf"), (4, 3, "nf")]
+)
 def test_report_matches_the_lorakit_functions(rank, bits, quant_type):
     model = tiny_llama()
     report = setting_report(model, rank, bits, quant_type, batch_size=2, seq_len=16)
@@ -28,8 +29,10 @@ def test_report_matches_the_lorakit_functions(rank, bits, quant_type):
     # memory: the estimator at this setting, and LoRA for comparison
     expected = estimate_memory(model.config, "qlora", bits=bits, rank=rank, batch_size=2, seq_len=16, dtype="float32")
     assert report.memory.lines() == expected.lines()
-    assert report.lora_memory.total == estimate_memory(
-        model.config, "lora", rank=rank, batch_size=2, seq_len=16, dtype="float32").total
+    assert (
+        report.lora_memory.total
+        == estimate_memory(model.config, "lora", rank=rank, batch_size=2, seq_len=16, dtype="float32").total
+    )
     # quantization error: measured on the middle block's real weights
     tradeoff = quantization_tradeoff(block_weights(model), quant_type, bits, 64, double_quant=True)
     assert report.quantization == tradeoff
@@ -64,13 +67,16 @@ def test_block_weights_is_the_middle_block():
         block_weights(quantize_model(copy.deepcopy(model)))
 
 
-@pytest.mark.parametrize("rank,bits,quant_type,message", [
-    (0, 4, "nf", "rank=0 is not valid here; choose an integer from 1 to 64"),
-    (65, 4, "nf", "rank=65"),
-    (8, 5, "nf", r"bits=5 is not valid; choose one of \(2, 3, 4, 8\)"),
-    (8, 4, "nf4", r"kind='nf4' is not known; valid kinds are \('nf', 'int', 'fp'\)"),
-    (8, 3, "fp", r"kind='fp' is FP4 \(E2M1\) only, so bits must be 4, got bits=3"),
-])
+@pytest.mark.parametrize(
+    "rank,bits,quant_type,message",
+    [
+        (0, 4, "nf", "rank=0 is not valid here; choose an integer from 1 to 64"),
+        (65, 4, "nf", "rank=65"),
+        (8, 5, "nf", r"bits=5 is not valid; choose one of \(2, 3, 4, 8\)"),
+        (8, 4, "nf4", r"kind='nf4' is not known; valid kinds are \('nf', 'int', 'fp'\)"),
+        (8, 3, "fp", r"kind='fp' is FP4 \(E2M1\) only, so bits must be 4, got bits=3"),
+    ],
+)
 def test_bad_settings_are_refused_clearly(rank, bits, quant_type, message):
     with pytest.raises(ValueError, match=message):
         check_setting(rank, bits, quant_type)
@@ -88,8 +94,9 @@ class FakeTrainer:
         for i in range(len(losses)):
             if on_step:
                 on_step(SimpleNamespace(losses=losses[: i + 1], step=i + 1))
-        metrics = dict(steps=len(losses), trainable_params=100 * kwargs["rank"], ppl_before=50.0,
-                       ppl_after=50.0 - kwargs["bits"])
+        metrics = dict(
+            steps=len(losses), trainable_params=100 * kwargs["rank"], ppl_before=50.0, ppl_after=50.0 - kwargs["bits"]
+        )
         return SimpleNamespace(metrics=metrics, train=SimpleNamespace(losses=losses))
 
 

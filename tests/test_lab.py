@@ -13,21 +13,40 @@ from lorakit.lab import claims as C
 from lorakit.lab.__main__ import main
 
 # The articles' file names, as the workbook's sources list them (the texts themselves are not shipped).
-ARTICLES = {"000_1b21abd55088a546.txt", "001_e5fcc8f0deb58e76.txt", "002_83b02849e0a2ffda.txt",
-            "003_7a366c6289dd4be5.txt"}
+ARTICLES = {
+    "000_1b21abd55088a546.txt",
+    "001_e5fcc8f0deb58e76.txt",
+    "002_83b02849e0a2ffda.txt",
+    "003_7a366c6289dd4be5.txt",
+}
 MB = 10**6
 
 
 def ledger(weights, gradients, state, activations, peak_rss=900 * MB):
     total = weights + gradients + state + activations
-    return dict(weights=weights, gradients=gradients, optimizer_state=state, activations=activations, total=total,
-                peak_rss=peak_rss, peak_rss_is_step_only=True, peak_cuda=None,
-                resident_peak=weights + gradients + activations + state)
+    return dict(
+        weights=weights,
+        gradients=gradients,
+        optimizer_state=state,
+        activations=activations,
+        total=total,
+        peak_rss=peak_rss,
+        peak_rss_is_step_only=True,
+        peak_cuda=None,
+        resident_peak=weights + gradients + activations + state,
+    )
 
 
 def run(step, before, after, trainable, led, **extra):
-    return dict(step_seconds=step, ppl_before=before, ppl_after=after, trainable_params=trainable,
-                total_params=134_515_008, ledger=led, **extra)
+    return dict(
+        step_seconds=step,
+        ppl_before=before,
+        ppl_after=after,
+        trainable_params=trainable,
+        total_params=134_515_008,
+        ledger=led,
+        **extra,
+    )
 
 
 def lat(seconds, spread=0.02):
@@ -40,39 +59,99 @@ def fake_runs(steps=200) -> dict:
     q_led = ledger(170 * MB, 20 * MB, 39 * MB, 150 * MB)
     quantized = dict(params=106_000_000, bytes=55 * MB, bits_per_param=4.127)
     return {
-        "settings": dict(steps=steps, min_quality_steps=100, rank=8, batch_size=2, seq_len=64, eval_blocks=8, seed=0,
-                         device="cpu", dtype="float32", device_name="CPU", seconds=100.0),
-        "full": run(6.0, 20.0, 15.0, 134_515_008, ledger(540 * MB, 540 * MB, 1080 * MB, 300 * MB),
-                    checkpoint_bytes=538 * MB),
+        "settings": dict(
+            steps=steps,
+            min_quality_steps=100,
+            rank=8,
+            batch_size=2,
+            seq_len=64,
+            eval_blocks=8,
+            seed=0,
+            device="cpu",
+            dtype="float32",
+            device_name="CPU",
+            seconds=100.0,
+        ),
+        "full": run(
+            6.0, 20.0, 15.0, 134_515_008, ledger(540 * MB, 540 * MB, 1080 * MB, 300 * MB), checkpoint_bytes=538 * MB
+        ),
         "lora": run(2.5, 20.0, 15.2, 4_884_480, lora_led, adapter_bytes=19.6 * MB),
-        "qlora_nf4": run(3.0, 21.0, 15.4, 4_884_480, q_led, quantized=quantized, spike=dict(
-            ordinary_tokens=128, long_tokens=512, budget_bytes=2 * 2**20,
-            ordinary_plain=ledger(170 * MB, 20 * MB, 39 * MB, 150 * MB),
-            long_plain=ledger(170 * MB, 20 * MB, 39 * MB, 600 * MB),
-            long_paged=ledger(170 * MB, 20 * MB, 2 * MB, 600 * MB))),
+        "qlora_nf4": run(
+            3.0,
+            21.0,
+            15.4,
+            4_884_480,
+            q_led,
+            quantized=quantized,
+            spike=dict(
+                ordinary_tokens=128,
+                long_tokens=512,
+                budget_bytes=2 * 2**20,
+                ordinary_plain=ledger(170 * MB, 20 * MB, 39 * MB, 150 * MB),
+                long_plain=ledger(170 * MB, 20 * MB, 39 * MB, 600 * MB),
+                long_paged=ledger(170 * MB, 20 * MB, 2 * MB, 600 * MB),
+            ),
+        ),
         "qlora_fp4": run(3.0, 24.0, 16.0, 4_884_480, q_led, quantized=quantized),
         "inference": dict(
             latency_tokens=64,
-            latency=dict(base=lat(0.100), lora_merged=lat(0.101), lora_unmerged=lat(0.120),
-                         qlora_unmerged=lat(0.320), qlora_merged=lat(0.100)),
-            merged_same_structure_as_base=True, qlora_merge_into_4bit="refused: NotImplementedError",
+            latency=dict(
+                base=lat(0.100),
+                lora_merged=lat(0.101),
+                lora_unmerged=lat(0.120),
+                qlora_unmerged=lat(0.320),
+                qlora_merged=lat(0.100),
+            ),
+            merged_same_structure_as_base=True,
+            qlora_merge_into_4bit="refused: NotImplementedError",
             qlora_merge_max_logit_diff=2e-5,
-            ppl=dict(base=20.0, base_nf4_dq=21.0, base_nf4=20.98, lora=15.2, lora_merged=15.2,
-                     qlora=15.4, qlora_merged=15.4, qlora_merged_requantized=15.9, lora_then_nf4_adapter=16.3,
-                     lora_merged_then_nf4=16.1),
-            bits=dict(nf4_dq=dict(bits_per_param=4.127), nf4=dict(bits_per_param=4.5), fp4_dq=dict(bits_per_param=4.127)),
-            weight_bytes=dict(base=538 * MB, base_nf4_dq=170 * MB, qlora=190 * MB, qlora_merged=558 * MB,
-                              lora_then_nf4_adapter=190 * MB, lora_merged_then_nf4=170 * MB),
+            ppl=dict(
+                base=20.0,
+                base_nf4_dq=21.0,
+                base_nf4=20.98,
+                lora=15.2,
+                lora_merged=15.2,
+                qlora=15.4,
+                qlora_merged=15.4,
+                qlora_merged_requantized=15.9,
+                lora_then_nf4_adapter=16.3,
+                lora_merged_then_nf4=16.1,
+            ),
+            bits=dict(
+                nf4_dq=dict(bits_per_param=4.127), nf4=dict(bits_per_param=4.5), fp4_dq=dict(bits_per_param=4.127)
+            ),
+            weight_bytes=dict(
+                base=538 * MB,
+                base_nf4_dq=170 * MB,
+                qlora=190 * MB,
+                qlora_merged=558 * MB,
+                lora_then_nf4_adapter=190 * MB,
+                lora_merged_then_nf4=170 * MB,
+            ),
         ),
         "estimates": dict(
-            qlora_65b_48gb_paged=dict(total=38.6e9, fits=True), qlora_65b_48gb_adamw=dict(total=45e9, fits=True),
+            qlora_65b_48gb_paged=dict(total=38.6e9, fits=True),
+            qlora_65b_48gb_adamw=dict(total=45e9, fits=True),
             full_65b_16bit=799e9,
-            qlora_24gb={"7B": dict(total=4.8e9, fits=True), "13B": dict(total=8.6e9, fits=True),
-                        "33B": dict(total=20e9, fits=True), "65B": dict(total=38.6e9, fits=False)},
-            lora_24gb={"7B": dict(total=14.4e9, fits=True), "13B": dict(total=27.4e9, fits=False),
-                       "33B": dict(total=67.6e9, fits=False), "65B": dict(total=134.7e9, fits=False)},
-            gpt3=dict(total_params=174_588_899_328, lora_params=18_874_368, reduction=9250.05,
-                      full_bytes=1.3967e12, lora_bytes=3.4933e11),
+            qlora_24gb={
+                "7B": dict(total=4.8e9, fits=True),
+                "13B": dict(total=8.6e9, fits=True),
+                "33B": dict(total=20e9, fits=True),
+                "65B": dict(total=38.6e9, fits=False),
+            },
+            lora_24gb={
+                "7B": dict(total=14.4e9, fits=True),
+                "13B": dict(total=27.4e9, fits=False),
+                "33B": dict(total=67.6e9, fits=False),
+                "65B": dict(total=134.7e9, fits=False),
+            },
+            gpt3=dict(
+                total_params=174_588_899_328,
+                lora_params=18_874_368,
+                reduction=9250.05,
+                full_bytes=1.3967e12,
+                lora_bytes=3.4933e11,
+            ),
             deploy={"7B": dict(four_bit=3.87e9, sixteen_bit=13.48e9)},
         ),
     }
@@ -100,10 +179,19 @@ def test_every_claim_names_an_article_and_quotes_it():
 
 def test_the_issue_claims_are_all_there():
     text = " ".join(c.claim for c in CLAIMS)
-    for phrase in ("significantly lower", "20-30% slower", "within 1-2%", "~0.5 bits", "halves raw memory",
-                   "no extra inference latency", "must first be dequantized", "to a trained LoRA model",
-                   "10,000x fewer trainable params and 3x less memory", "65B parameter models on a single 48GB GPU",
-                   "memory spikes"):
+    for phrase in (
+        "significantly lower",
+        "20-30% slower",
+        "within 1-2%",
+        "~0.5 bits",
+        "halves raw memory",
+        "no extra inference latency",
+        "must first be dequantized",
+        "to a trained LoRA model",
+        "10,000x fewer trainable params and 3x less memory",
+        "65B parameter models on a single 48GB GPU",
+        "memory spikes",
+    ):
         assert phrase in text, phrase
 
 
@@ -140,17 +228,28 @@ def test_memory_lower():
     more_rss = C.memory_lower(with_(runs, "qlora_nf4.ledger.peak_rss", 1300 * MB))
     assert more_rss.verdict == HOLDS and "the process RSS hides it here" in more_rss.why
     big_activations = ledger(170 * MB, 20 * MB, 39 * MB, 5000 * MB)
-    assert C.memory_lower(with_(with_(runs, "qlora_nf4.ledger", big_activations), "lora.ledger",
-                                ledger(540 * MB, 20 * MB, 39 * MB, 5000 * MB))).verdict == FAILS
+    assert (
+        C.memory_lower(
+            with_(
+                with_(runs, "qlora_nf4.ledger", big_activations),
+                "lora.ledger",
+                ledger(540 * MB, 20 * MB, 39 * MB, 5000 * MB),
+            )
+        ).verdict
+        == FAILS
+    )
 
 
-@pytest.mark.parametrize("qlora_step, slight, typical", [
-    (2.0, FAILS, FAILS),  # faster than LoRA
-    (2.55, DEPENDS, FAILS),  # within noise
-    (3.1, HOLDS, HOLDS),  # +24%
-    (3.6, HOLDS, FAILS),  # +44%
-    (6.0, FAILS, FAILS),  # 2.4x: not "slightly"
-])
+@pytest.mark.parametrize(
+    "qlora_step, slight, typical",
+    [
+        (2.0, FAILS, FAILS),  # faster than LoRA
+        (2.55, DEPENDS, FAILS),  # within noise
+        (3.1, HOLDS, HOLDS),  # +24%
+        (3.6, HOLDS, FAILS),  # +44%
+        (6.0, FAILS, FAILS),  # 2.4x: not "slightly"
+    ],
+)
 def test_training_speed_claims(qlora_step, slight, typical):
     runs = with_(fake_runs(), "qlora_nf4.step_seconds", qlora_step)
     assert C.slightly_slower(runs).verdict == slight
@@ -228,8 +327,10 @@ def test_scale_claims_from_the_estimator():
     assert C.modest_gpus(runs).verdict == FAILS  # 65B does not fit in 24 GB
     assert C.modest_gpus(with_(runs, "estimates.qlora_24gb.65B.fits", True)).verdict == HOLDS
     assert C.bigger_models_than_lora(runs).verdict == HOLDS  # LoRA 7B, QLoRA 33B
-    assert C.bigger_models_than_lora(with_(runs, "estimates.qlora_24gb", fake_runs()["estimates"]["lora_24gb"])
-                                     ).verdict == FAILS
+    assert (
+        C.bigger_models_than_lora(with_(runs, "estimates.qlora_24gb", fake_runs()["estimates"]["lora_24gb"])).verdict
+        == FAILS
+    )
 
 
 def test_adapters_small():
@@ -287,14 +388,17 @@ def test_markdown_escapes_pipes():
 # -- settings and the command line ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("steps", 0, r"LabConfig.steps=0 is not valid; it must be an integer of at least 1"),
-    ("seq_len", 4, r"LabConfig.seq_len=4 is not valid; use at least 8 tokens"),
-    ("latency_tokens", 10_000, r"LabConfig.latency_tokens=10000 is more than the held-out text"),
-    ("train_blocks", 1, r"LabConfig.train_blocks=1 is fewer than one batch of 2"),
-    ("spike_seq_len", -1, r"LabConfig.spike_seq_len=-1 is not valid"),
-    ("device", "gpu0", r"LabConfig.device='gpu0' is not a torch device"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("steps", 0, r"LabConfig.steps=0 is not valid; it must be an integer of at least 1"),
+        ("seq_len", 4, r"LabConfig.seq_len=4 is not valid; use at least 8 tokens"),
+        ("latency_tokens", 10_000, r"LabConfig.latency_tokens=10000 is more than the held-out text"),
+        ("train_blocks", 1, r"LabConfig.train_blocks=1 is fewer than one batch of 2"),
+        ("spike_seq_len", -1, r"LabConfig.spike_seq_len=-1 is not valid"),
+        ("device", "gpu0", r"LabConfig.device='gpu0' is not a torch device"),
+    ],
+)
 def test_config_errors_name_the_setting(field, value, message):
     with pytest.raises(ValueError, match=message):
         LabConfig(**{field: value}).validate()
@@ -307,13 +411,16 @@ def test_full_settings_are_longer_and_reach_a_quality_verdict():
     assert full.steps > quick.steps and full.steps >= full.min_quality_steps > quick.steps
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--steps", "0"], "--steps: 0 is not valid; it must be at least 1"),
-    (["--steps", "many"], "--steps: 'many' is not an integer"),
-    (["--seq-len", "4"], "LabConfig.seq_len=4 is not valid"),
-    (["--bogus"], "unrecognized arguments: --bogus"),
-    (["--device", "gpu0"], "LabConfig.device='gpu0' is not a torch device"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "0"], "--steps: 0 is not valid; it must be at least 1"),
+        (["--steps", "many"], "--steps: 'many' is not an integer"),
+        (["--seq-len", "4"], "LabConfig.seq_len=4 is not valid"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--device", "gpu0"], "LabConfig.device='gpu0' is not a torch device"),
+    ],
+)
 def test_cli_argument_errors_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         code = main(argv)
@@ -340,16 +447,48 @@ def test_cli_tiny_real_run(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(lab_run.tempfile, "mkdtemp", mkdtemp)
     out = tmp_path / "lab.json"
-    assert main(["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-blocks", "2", "--train-blocks", "4",
-                 "--spike-seq-len", "32", "--latency-rounds", "1", "--latency-repeats", "1", "--in-process", "--no-progress", "--json", str(out),
-                 "--markdown", str(tmp_path / "lab.md")]) == 0
+    assert (
+        main(
+            [
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "16",
+                "--eval-blocks",
+                "2",
+                "--train-blocks",
+                "4",
+                "--spike-seq-len",
+                "32",
+                "--latency-rounds",
+                "1",
+                "--latency-repeats",
+                "1",
+                "--in-process",
+                "--no-progress",
+                "--json",
+                str(out),
+                "--markdown",
+                str(tmp_path / "lab.md"),
+            ]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
     assert [c["claim"] for c in data["claims"]] == [c.claim for c in CLAIMS]
     runs = data["runs"]
     assert runs["lora"]["trainable_params"] < runs["full"]["trainable_params"] / 20
     assert runs["qlora_nf4"]["ledger"]["weights"] < 0.5 * runs["lora"]["ledger"]["weights"]
-    assert abs(runs["inference"]["bits"]["nf4"]["bits_per_param"]
-               - runs["inference"]["bits"]["nf4_dq"]["bits_per_param"] - 0.373) < 0.001
+    assert (
+        abs(
+            runs["inference"]["bits"]["nf4"]["bits_per_param"]
+            - runs["inference"]["bits"]["nf4_dq"]["bits_per_param"]
+            - 0.373
+        )
+        < 0.001
+    )
     assert runs["inference"]["qlora_merge_into_4bit"].startswith("refused")
     # the inference job reloads the saved QLoRA adapter: it computes what the trained model did
     assert runs["inference"]["ppl"]["qlora"] == pytest.approx(runs["qlora_nf4"]["ppl_after"], rel=1e-4)

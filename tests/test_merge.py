@@ -21,7 +21,6 @@ from transformers import BatchEncoding
 from lorakit import (
     Linear4bit,
     add_lora,
-    codes_changed,
     compare_logits,
     compare_perplexity,
     heldout_perplexity,
@@ -64,10 +63,16 @@ def bnb_qlora(base, folder, dtype=torch.float32):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     base.save_pretrained(folder)
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": "cpu"},
-                                                 quantization_config=config)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, device_map={"": "cpu"}, quantization_config=config
+    )
     torch.manual_seed(1)
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=ALL_PROJ, init_lora_weights=False))
 
@@ -145,7 +150,9 @@ def test_an_evaluation_leaves_bitsandbytes_training_gradients_unchanged(tiny, tm
 
 def test_dequantized_is_the_unmerged_model_in_plain_linears(tiny):
     model = qlora(tiny)
-    expected = {name: layer.base_layer.dequantize() + layer.delta_weight() for name, layer in lora_layers(model).items()}
+    expected = {
+        name: layer.base_layer.dequantize() + layer.delta_weight() for name, layer in lora_layers(model).items()
+    }
     unmerged = logits(model)
     merged = merge_qlora(copy.deepcopy(model), "dequantized")
     assert not lora_layers(merged)
@@ -168,7 +175,10 @@ def test_requantized_differs_from_dequantized_by_one_rounding_to_nf4(tiny):
         error = (q.dequantize() - w).view(-1, q.blocksize).abs()  # (n_blocks, blocksize)
         absmax = w.view(-1, q.blocksize).abs().amax(dim=1, keepdim=True)  # (n_blocks, 1)
         # half the widest NF4 gap times the block's absmax, plus the double-quantized absmax's own error
-        bound = widest_gap(q.code) / 2 * absmax + (absmax - q.dequantize().view(-1, q.blocksize).abs().amax(1, keepdim=True)).abs()
+        bound = (
+            widest_gap(q.code) / 2 * absmax
+            + (absmax - q.dequantize().view(-1, q.blocksize).abs().amax(1, keepdim=True)).abs()
+        )
         assert torch.all(error <= 1.001 * bound + 1e-7), name
         assert error.max() > 0, name
 
@@ -237,11 +247,15 @@ def test_save_pretrained_and_reload_with_plain_transformers(tiny, tmp_path, stra
 def test_errors(tiny):
     model = qlora(tiny)
     before = logits(model)
-    with pytest.raises(ValueError, match="strategy='nf4' is not valid; choose one of 'dequantized', 'requantized', 'original'"):
+    with pytest.raises(
+        ValueError, match="strategy='nf4' is not valid; choose one of 'dequantized', 'requantized', 'original'"
+    ):
         merge_qlora(model, "nf4")
     with pytest.raises(ValueError, match="strategy='original' needs original="):
         merge_qlora(model, "original")
-    with pytest.raises(ValueError, match="original= is used by strategy='original' only, not by strategy='dequantized'"):
+    with pytest.raises(
+        ValueError, match="original= is used by strategy='original' only, not by strategy='dequantized'"
+    ):
         merge_qlora(model, "dequantized", original=tiny)
     with pytest.raises(ValueError, match="LlamaForCausalLM has no LoRA layers"):
         merge_qlora(quantize_model(copy.deepcopy(tiny)), "dequantized")
@@ -254,9 +268,14 @@ def test_errors(tiny):
     with pytest.raises(KeyError, match="no 'model.layers.1.mlp.down_proj.weight' for the 4-bit layer"):
         merge_qlora(model, "original", original=missing)
     wrong_shape = {**state, "model.layers.0.self_attn.q_proj.weight": torch.zeros(32, 48)}
-    with pytest.raises(ValueError, match=r"has shape \(32, 48\), but the 4-bit layer 'model.layers.0.self_attn.q_proj' holds \(32, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"has shape \(32, 48\), but the 4-bit layer 'model.layers.0.self_attn.q_proj' holds \(32, 32\)",
+    ):
         merge_qlora(model, "original", original=wrong_shape)
-    with pytest.raises(ValueError, match="'model.layers.0.self_attn.q_proj.weight' is not the weight that was quantized"):
+    with pytest.raises(
+        ValueError, match="'model.layers.0.self_attn.q_proj.weight' is not the weight that was quantized"
+    ):
         merge_qlora(model, "original", original=tiny_llama(seed=7))  # another model of the same shapes
     # none of the refusals changed the model
     assert len(lora_layers(model)) == 14 and torch.equal(logits(model), before)
@@ -363,7 +382,10 @@ def test_a_nan_or_inf_adapter_is_refused_and_the_model_left_as_it_was(tiny, stra
     before = {n: t.clone() for n, t in model.state_dict().items()}
     modules = dict(model.named_modules())
     original = tiny if strategy == "original" else None
-    with pytest.raises(ValueError, match=rf"merge_qlora: LoRA layer '{bad}': refusing to merge.*lora_A has .* values.*No base weight was changed"):
+    with pytest.raises(
+        ValueError,
+        match=rf"merge_qlora: LoRA layer '{bad}': refusing to merge.*lora_A has .* values.*No base weight was changed",
+    ):
         merge_qlora(model, strategy, original=original)
     assert dict(model.named_modules()) == modules  # the very same modules, none replaced
     after = model.state_dict()

@@ -61,8 +61,10 @@ class SettingReport:
             "memory of one training step (estimated):",
         ]
         rows += [f"  {name:<36}{mb:>10,.1f} MB" for name, mb in self.lines_mb().items()]
-        rows.append(f"  {'total':<36}{self.memory.total / MB:>10,.1f} MB"
-                    f"   (LoRA on a {self.lora_memory.settings['bits']}-bit base: {self.lora_memory.total / MB:,.1f} MB)")
+        rows.append(
+            f"  {'total':<36}{self.memory.total / MB:>10,.1f} MB"
+            f"   (LoRA on a {self.lora_memory.settings['bits']}-bit base: {self.lora_memory.total / MB:,.1f} MB)"
+        )
         return "\n".join(rows)
 
 
@@ -72,8 +74,10 @@ def block_weights(model: torch.nn.Module, layer: int | None = None) -> torch.Ten
     block = layers[len(layers) // 2 if layer is None else layer]
     weights = [m.weight.detach().float().reshape(-1) for m in block.modules() if isinstance(m, torch.nn.Linear)]
     if not weights:
-        raise ValueError(f"decoder block {layer} of {type(model).__name__} has no nn.Linear weights "
-                         "(quantized already? pass an unquantized model)")
+        raise ValueError(
+            f"decoder block {layer} of {type(model).__name__} has no nn.Linear weights "
+            "(quantized already? pass an unquantized model)"
+        )
     return torch.cat(weights)
 
 
@@ -113,9 +117,14 @@ def setting_report(
     weights = block_weights(model) if weights is None else weights
     quantization = quantization_tradeoff(weights, quant_type, bits, blocksize, double_quant)
     return SettingReport(
-        rank=rank, bits=bits, quant_type=quant_type,
-        trainable_params=lora_params(shape, rank, targets), base_params=shape.n_params,
-        memory=memory, lora_memory=lora_memory, quantization=quantization,
+        rank=rank,
+        bits=bits,
+        quant_type=quant_type,
+        trainable_params=lora_params(shape, rank, targets),
+        base_params=shape.n_params,
+        memory=memory,
+        lora_memory=lora_memory,
+        quantization=quantization,
     )
 
 
@@ -163,31 +172,51 @@ class RunBoard:
         check_setting(rank, bits, quant_type)
         start = time.perf_counter()
         result = self.trainer(
-            method="qlora", rank=rank, alpha=2.0 * rank, bits=bits, kind=quant_type,
-            device=self.device, dtype=self.dtype, progress=progress, on_step=on_step, **self.train_settings,
+            method="qlora",
+            rank=rank,
+            alpha=2.0 * rank,
+            bits=bits,
+            kind=quant_type,
+            device=self.device,
+            dtype=self.dtype,
+            progress=progress,
+            on_step=on_step,
+            **self.train_settings,
         )
         metrics = result.metrics
         run = Run(
-            rank=rank, bits=bits, quant_type=quant_type, steps=metrics["steps"],
-            trainable_params=metrics["trainable_params"], ppl_before=metrics["ppl_before"],
-            ppl_after=metrics["ppl_after"], seconds=time.perf_counter() - start, losses=list(result.train.losses),
+            rank=rank,
+            bits=bits,
+            quant_type=quant_type,
+            steps=metrics["steps"],
+            trainable_params=metrics["trainable_params"],
+            ppl_before=metrics["ppl_before"],
+            ppl_after=metrics["ppl_after"],
+            seconds=time.perf_counter() - start,
+            losses=list(result.train.losses),
         )
         self.runs.append(run)
         return run
 
     def table(self) -> str:
         """The runs as a Markdown table."""
-        rows = ["| run | setting | steps | trainable | ppl before | ppl after | change | seconds |",
-                "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        rows = [
+            "| run | setting | steps | trainable | ppl before | ppl after | change | seconds |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for i, r in enumerate(self.runs, 1):
-            rows.append(f"| {i} | {r.label} | {r.steps} | {r.trainable_params:,} | {r.ppl_before:.2f} | "
-                        f"{r.ppl_after:.2f} | {r.ppl_change:+.1%} | {r.seconds:.0f} |")
+            rows.append(
+                f"| {i} | {r.label} | {r.steps} | {r.trainable_params:,} | {r.ppl_before:.2f} | "
+                f"{r.ppl_after:.2f} | {r.ppl_change:+.1%} | {r.seconds:.0f} |"
+            )
         return "\n".join(rows)
 
     def html(self) -> str:
         """The runs as an HTML table (what the widget shows)."""
-        head = "".join(f"<th>{h}</th>" for h in ("run", "setting", "steps", "trainable", "ppl before", "ppl after",
-                                                   "change", "seconds"))
+        head = "".join(
+            f"<th>{h}</th>"
+            for h in ("run", "setting", "steps", "trainable", "ppl before", "ppl after", "change", "seconds")
+        )
         rows = "".join(
             f"<tr><td>{i}</td><td>{r.label}</td><td>{r.steps}</td><td>{r.trainable_params:,}</td>"
             f"<td>{r.ppl_before:.2f}</td><td>{r.ppl_after:.2f}</td><td>{r.ppl_change:+.1%}</td>"
@@ -197,7 +226,10 @@ class RunBoard:
         return f"<table><tr>{head}</tr>{rows}</table>"
 
     def figure(self):
-        """Held-out perplexity before and after each run, as a bar chart (:func:`lorakit.widgets.finetune.runs_figure`)."""
+        """Held-out perplexity before and after each run, as a bar chart.
+
+        Drawn by :func:`lorakit.widgets.finetune.runs_figure`.
+        """
         from lorakit.widgets.finetune import runs_figure
 
         return runs_figure(self.runs)

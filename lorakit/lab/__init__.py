@@ -18,6 +18,18 @@ from lorakit.lab.inference import merge_adapter
 from lorakit.lab.run import LabResult, run_lab
 
 __all__ = [
-    "CLAIMS", "DEPENDS", "FAILS", "HOLDS", "RUNS", "VERDICTS", "Claim", "Finding", "LabConfig", "LabResult",
-    "evaluate_claims", "markdown_table", "merge_adapter", "run_lab",
+    "CLAIMS",
+    "DEPENDS",
+    "FAILS",
+    "HOLDS",
+    "RUNS",
+    "VERDICTS",
+    "Claim",
+    "Finding",
+    "LabConfig",
+    "LabResult",
+    "evaluate_claims",
+    "markdown_table",
+    "merge_adapter",
+    "run_lab",
 ]

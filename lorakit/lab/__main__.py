@@ -25,10 +25,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m lorakit.lab",
         description="Fine-tune SmolLM2 four ways (full, LoRA, QLoRA NF4, QLoRA FP4) with the same data, steps and "
-                    "seed, and check the LoRA-vs-QLoRA articles' claims against the measurements.")
-    p.add_argument("--full", action="store_true",
-                   help=f"the longer run ({full.steps} steps of {full.batch_size} x {full.seq_len} tokens; "
-                        f"quick: {quick.steps} steps of {quick.batch_size} x {quick.seq_len})")
+        "seed, and check the LoRA-vs-QLoRA articles' claims against the measurements.",
+    )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help=f"the longer run ({full.steps} steps of {full.batch_size} x {full.seq_len} tokens; "
+        f"quick: {quick.steps} steps of {quick.batch_size} x {quick.seq_len})",
+    )
     p.add_argument("--steps", type=_positive_int, help="training steps of every run")
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--seq-len", type=_positive_int)
@@ -39,8 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-repeats", type=_positive_int, help="forward passes per model per round")
     p.add_argument("--spike-seq-len", type=int, help="tokens of the long batch in the paging measurement (0: skip)")
     p.add_argument("--device", help="cpu, cuda, ... (default: CUDA when there is one)")
-    p.add_argument("--in-process", action="store_true",
-                   help="run everything in this process (faster start; peak RSS is then the process's, not each run's)")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run everything in this process (faster start; peak RSS is then the process's, not each run's)",
+    )
     p.add_argument("--json", metavar="PATH", help="write {claims, runs} as JSON here")
     p.add_argument("--markdown", metavar="PATH", help="write the claims table as Markdown here")
     p.add_argument("--adapters", metavar="DIR", help="keep the trained adapters in this folder")
@@ -52,8 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     config = LabConfig.full_settings() if a.full else LabConfig()
-    overrides = {name: getattr(a, name) for name in (f.name for f in fields(LabConfig))
-                 if getattr(a, name, None) is not None}
+    overrides = {
+        name: getattr(a, name) for name in (f.name for f in fields(LabConfig)) if getattr(a, name, None) is not None
+    }
     if a.in_process:
         overrides["isolate"] = False
     try:

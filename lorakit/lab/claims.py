@@ -10,8 +10,8 @@ estimator and the arithmetic (``estimated=True``), and their "measured" text say
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 HOLDS, FAILS, DEPENDS = "holds", "does not hold here", "depends"
 VERDICTS = (HOLDS, FAILS, DEPENDS)
@@ -99,37 +99,59 @@ def quality(runs: dict, run: str, reference: str, tolerance: float) -> Finding:
     a, b = runs[run], runs[reference]
     d = a["ppl_after"] / b["ppl_after"] - 1
     steps, needed = runs["settings"]["steps"], runs["settings"]["min_quality_steps"]
-    measured = (f"held-out perplexity after {steps} steps: {run} {a['ppl_after']:.2f} vs {reference} "
-                f"{b['ppl_after']:.2f} ({_pct(d)}; before training {a['ppl_before']:.2f} vs {b['ppl_before']:.2f})")
+    measured = (
+        f"held-out perplexity after {steps} steps: {run} {a['ppl_after']:.2f} vs {reference} "
+        f"{b['ppl_after']:.2f} ({_pct(d)}; before training {a['ppl_before']:.2f} vs {b['ppl_before']:.2f})"
+    )
     if steps < needed:
-        return Finding(measured, DEPENDS, f"{steps} steps are too few to judge quality (a verdict needs at least "
-                       f"{needed}: run python -m lorakit.lab --full); perplexity is also not the benchmarks the "
-                       "articles cite")
+        return Finding(
+            measured,
+            DEPENDS,
+            f"{steps} steps are too few to judge quality (a verdict needs at least "
+            f"{needed}: run python -m lorakit.lab --full); perplexity is also not the benchmarks the "
+            "articles cite",
+        )
     if d <= tolerance:
-        return Finding(measured, HOLDS, f"{run}'s perplexity is within {100 * tolerance:g}% of {reference}'s "
-                       "(perplexity on held-out text, not the articles' benchmarks)")
-    return Finding(measured, FAILS, f"{run}'s perplexity is {_pct(d)} off {reference}'s, more than "
-                   f"{100 * tolerance:g}%, at these settings")
+        return Finding(
+            measured,
+            HOLDS,
+            f"{run}'s perplexity is within {100 * tolerance:g}% of {reference}'s "
+            "(perplexity on held-out text, not the articles' benchmarks)",
+        )
+    return Finding(
+        measured,
+        FAILS,
+        f"{run}'s perplexity is {_pct(d)} off {reference}'s, more than {100 * tolerance:g}%, at these settings",
+    )
 
 
 def memory_lower(runs: dict) -> Finding:
     lora, q = runs["lora"]["ledger"], runs["qlora_nf4"]["ledger"]
     ratio = q["total"] / lora["total"]
-    measured = (f"one training step (weights + gradients + optimizer state + activations): LoRA {_mb(lora['total'])}, "
-                f"QLoRA {_mb(q['total'])} ({ratio:.2f}x); weights {_mb(lora['weights'])} vs {_mb(q['weights'])}; "
-                f"process peak RSS of that step {_mb(lora['peak_rss'])} vs {_mb(q['peak_rss'])}")
+    measured = (
+        f"one training step (weights + gradients + optimizer state + activations): LoRA {_mb(lora['total'])}, "
+        f"QLoRA {_mb(q['total'])} ({ratio:.2f}x); weights {_mb(lora['weights'])} vs {_mb(q['weights'])}; "
+        f"process peak RSS of that step {_mb(lora['peak_rss'])} vs {_mb(q['peak_rss'])}"
+    )
     parts = (runs["lora"].get("rss_after_step"), runs["qlora_nf4"].get("rss_after_step"))
     if None not in parts:
         measured += f" (file-backed: {_mb(parts[0]['file'])} vs {_mb(parts[1]['file'])})"
     if ratio <= SIGNIFICANT_MEMORY_RATIO:
-        why = (f"the 4-bit base shrinks the weights {lora['weights'] / q['weights']:.1f}x, while gradients, optimizer "
-               "state and activations are LoRA's own")
+        why = (
+            f"the 4-bit base shrinks the weights {lora['weights'] / q['weights']:.1f}x, while gradients, optimizer "
+            "state and activations are LoRA's own"
+        )
         if q["peak_rss"] >= lora["peak_rss"]:
-            why += ("; the process RSS hides it here: quantize_model read every full-precision weight from the "
-                    "memory-mapped checkpoint, and those clean file pages stay counted until the kernel needs them")
+            why += (
+                "; the process RSS hides it here: quantize_model read every full-precision weight from the "
+                "memory-mapped checkpoint, and those clean file pages stay counted until the kernel needs them"
+            )
         return Finding(measured, HOLDS, why)
-    return Finding(measured, FAILS, "at these settings the lines QLoRA does not shrink (activations, "
-                   "optimizer state) outweigh the weights it does")
+    return Finding(
+        measured,
+        FAILS,
+        "at these settings the lines QLoRA does not shrink (activations, optimizer state) outweigh the weights it does",
+    )
 
 
 def step_ratio(runs: dict, slow: str, fast: str) -> float:
@@ -137,12 +159,16 @@ def step_ratio(runs: dict, slow: str, fast: str) -> float:
 
 
 def _step_measured(runs: dict, a: str, b: str) -> str:
-    return (f"median step on {_where(runs)}: {a} {runs[a]['step_seconds']:.2f} s, {b} "
-            f"{runs[b]['step_seconds']:.2f} s ({step_ratio(runs, a, b):.2f}x)")
+    return (
+        f"median step on {_where(runs)}: {a} {runs[a]['step_seconds']:.2f} s, {b} "
+        f"{runs[b]['step_seconds']:.2f} s ({step_ratio(runs, a, b):.2f}x)"
+    )
 
 
-_DEQUANT_WHY = ("lorakit's 4-bit layer dequantizes every weight in plain PyTorch, in the forward pass and again "
-                "in backward; the overhead is set by that kernel and the hardware, not by QLoRA itself")
+_DEQUANT_WHY = (
+    "lorakit's 4-bit layer dequantizes every weight in plain PyTorch, in the forward pass and again "
+    "in backward; the overhead is set by that kernel and the hardware, not by QLoRA itself"
+)
 
 
 def slightly_slower(runs: dict) -> Finding:
@@ -184,26 +210,44 @@ def merged_no_latency(runs: dict) -> Finding:
     if not inf["merged_same_structure_as_base"]:
         return Finding(measured, FAILS, "the merged model does not have the base's modules: it does other work")
     if abs(d) <= tolerance:
-        return Finding(measured, HOLDS, "merged, the model has the base's modules and parameter shapes, so a forward "
-                       f"pass does the same work; equal within the timing noise ({100 * tolerance:.0f}%)")
-    return Finding(measured, DEPENDS, "the merged model has the base's modules and shapes, but the timings here "
-                   f"differ by more than the noise allowance ({100 * tolerance:.0f}%): a busy machine; run again")
+        return Finding(
+            measured,
+            HOLDS,
+            "merged, the model has the base's modules and parameter shapes, so a forward "
+            f"pass does the same work; equal within the timing noise ({100 * tolerance:.0f}%)",
+        )
+    return Finding(
+        measured,
+        DEPENDS,
+        "the merged model has the base's modules and shapes, but the timings here "
+        f"differ by more than the noise allowance ({100 * tolerance:.0f}%): a busy machine; run again",
+    )
 
 
 def qlora_merge_needs_dequant(runs: dict) -> Finding:
     inf, ppl = runs["inference"], runs["inference"]["ppl"]
     d = ppl["qlora_merged"] / ppl["qlora"] - 1
-    measured = (f"merge_lora into the 4-bit base: {inf['qlora_merge_into_4bit']}; merged into the dequantized weights (merge_qlora): "
-                f"perplexity {ppl['qlora_merged']:.3f} vs {ppl['qlora']:.3f} unmerged (max logit difference "
-                f"{inf['qlora_merge_max_logit_diff']:.1e}); merged weights {_mb(inf['weight_bytes']['qlora_merged'])} "
-                f"vs {_mb(inf['weight_bytes']['qlora'])} in 4 bit; merged then re-quantized to NF4: perplexity "
-                f"{ppl['qlora_merged_requantized']:.3f}")
+    measured = (
+        f"merge_lora into the 4-bit base: {inf['qlora_merge_into_4bit']}; "
+        "merged into the dequantized weights (merge_qlora): "
+        f"perplexity {ppl['qlora_merged']:.3f} vs {ppl['qlora']:.3f} unmerged (max logit difference "
+        f"{inf['qlora_merge_max_logit_diff']:.1e}); merged weights {_mb(inf['weight_bytes']['qlora_merged'])} "
+        f"vs {_mb(inf['weight_bytes']['qlora'])} in 4 bit; merged then re-quantized to NF4: perplexity "
+        f"{ppl['qlora_merged_requantized']:.3f}"
+    )
     if inf["qlora_merge_into_4bit"].startswith("refused") and abs(d) <= 0.01:
         requant = ppl["qlora_merged_requantized"] / ppl["qlora"] - 1
-        return Finding(measured, HOLDS, "a 4-bit code cannot hold W0 + (alpha/r) B A, so the base is dequantized and "
-                       f"the merged model is full size again; quantizing it back changes perplexity by {_pct(requant)}")
-    return Finding(measured, FAILS, "the merge into the 4-bit base went through, or the merged model does not "
-                   "compute what the unmerged one does")
+        return Finding(
+            measured,
+            HOLDS,
+            "a 4-bit code cannot hold W0 + (alpha/r) B A, so the base is dequantized and "
+            f"the merged model is full size again; quantizing it back changes perplexity by {_pct(requant)}",
+        )
+    return Finding(
+        measured,
+        FAILS,
+        "the merge into the 4-bit base went through, or the merged model does not compute what the unmerged one does",
+    )
 
 
 def inference_comparable(runs: dict) -> Finding:
@@ -211,49 +255,75 @@ def inference_comparable(runs: dict) -> Finding:
     measured = _latency_measured(runs, "lora_merged", "qlora_unmerged", "qlora_merged")
     if r <= COMPARABLE_LATENCY:
         return Finding(measured, HOLDS, f"QLoRA with its 4-bit base runs within {r:.2f}x of merged LoRA")
-    return Finding(measured, FAILS, f"kept in 4 bit, QLoRA is {r:.1f}x slower than merged LoRA (every forward "
-                   "dequantizes every weight); merged into a dequantized base it runs at LoRA's speed")
+    return Finding(
+        measured,
+        FAILS,
+        f"kept in 4 bit, QLoRA is {r:.1f}x slower than merged LoRA (every forward "
+        "dequantizes every weight); merged into a dequantized base it runs at LoRA's speed",
+    )
 
 
 def dequant_overhead(runs: dict) -> Finding:
     r = latency(runs, "qlora_unmerged") / latency(runs, "lora_unmerged")
     measured = _latency_measured(runs, "lora_unmerged", "qlora_unmerged") + f" ({r:.2f}x)"
     if r > 1 + TIMING_NOISE:
-        return Finding(measured, HOLDS, "the same adapters over a 4-bit base take longer: each weight is "
-                       "dequantized before its matrix multiply")
+        return Finding(
+            measured,
+            HOLDS,
+            "the same adapters over a 4-bit base take longer: each weight is dequantized before its matrix multiply",
+        )
     return Finding(measured, FAILS, "no overhead from dequantization was measurable here")
 
 
 def four_bit_inference_2x(runs: dict) -> Finding:
     speedup = latency(runs, "lora_unmerged") / latency(runs, "qlora_unmerged")
-    measured = (_latency_measured(runs, "lora_unmerged", "qlora_unmerged")
-                + f" (the same adapters over a 4-bit base: speed-up {speedup:.2f}x)")
+    measured = (
+        _latency_measured(runs, "lora_unmerged", "qlora_unmerged")
+        + f" (the same adapters over a 4-bit base: speed-up {speedup:.2f}x)"
+    )
     if speedup >= TWO_X_BAND[0]:
         return Finding(measured, HOLDS, "the 4-bit model ran about twice as fast here")
-    return Finding(measured, DEPENDS, f"here the 4-bit model ran {speedup:.2f}x as fast: lorakit dequantizes in "
-                   "plain PyTorch; a gain needs kernels that multiply straight from 4-bit codes, which this lab does not have")
+    return Finding(
+        measured,
+        DEPENDS,
+        f"here the 4-bit model ran {speedup:.2f}x as fast: lorakit dequantizes in "
+        "plain PyTorch; a gain needs kernels that multiply straight from 4-bit codes, which this lab does not have",
+    )
 
 
 def lora_then_quantize(runs: dict) -> Finding:
     ppl, wb = runs["inference"]["ppl"], runs["inference"]["weight_bytes"]
     ratio = wb["lora_then_nf4_adapter"] / wb["qlora"]
-    measured = (f"LoRA trained in {runs['settings']['dtype']}, base quantized to NF4 afterwards: weights "
-                f"{_mb(wb['lora_then_nf4_adapter'])} vs QLoRA's {_mb(wb['qlora'])}; perplexity {ppl['lora_then_nf4_adapter']:.2f} "
-                f"(adapter over the NF4 base) and {ppl['lora_merged_then_nf4']:.2f} (merged, then NF4) vs "
-                f"{ppl['qlora']:.2f} for QLoRA trained directly and {ppl['lora']:.2f} for LoRA unquantized")
+    measured = (
+        f"LoRA trained in {runs['settings']['dtype']}, base quantized to NF4 afterwards: weights "
+        f"{_mb(wb['lora_then_nf4_adapter'])} vs QLoRA's {_mb(wb['qlora'])}; "
+        f"perplexity {ppl['lora_then_nf4_adapter']:.2f} "
+        f"(adapter over the NF4 base) and {ppl['lora_merged_then_nf4']:.2f} (merged, then NF4) vs "
+        f"{ppl['qlora']:.2f} for QLoRA trained directly and {ppl['lora']:.2f} for LoRA unquantized"
+    )
     if abs(ratio - 1) <= 0.05:
-        return Finding(measured, HOLDS, "the memory is the same (the same NF4 base); the quality is not guaranteed: "
-                       "the adapter was trained against the full-precision base, never against the quantization error")
+        return Finding(
+            measured,
+            HOLDS,
+            "the memory is the same (the same NF4 base); the quality is not guaranteed: "
+            "the adapter was trained against the full-precision base, never against the quantization error",
+        )
     return Finding(measured, FAILS, "quantizing afterwards did not reach QLoRA's memory")
 
 
 def no_special_hardware(runs: dict) -> Finding:
     q = runs["qlora_nf4"]
-    measured = (f"QLoRA trained {runs['settings']['steps']} steps on {_where(runs)}: perplexity "
-                f"{q['ppl_before']:.2f} -> {q['ppl_after']:.2f}")
+    measured = (
+        f"QLoRA trained {runs['settings']['steps']} steps on {_where(runs)}: perplexity "
+        f"{q['ppl_before']:.2f} -> {q['ppl_after']:.2f}"
+    )
     if math.isfinite(q["ppl_after"]):
-        return Finding(measured, HOLDS, "lorakit's 4-bit layer is plain PyTorch (an absmax per block, a 16-entry "
-                       "codebook); fast kernels want a GPU, QLoRA itself does not")
+        return Finding(
+            measured,
+            HOLDS,
+            "lorakit's 4-bit layer is plain PyTorch (an absmax per block, a 16-entry "
+            "codebook); fast kernels want a GPU, QLoRA itself does not",
+        )
     return Finding(measured, FAILS, "the QLoRA run did not produce a finite perplexity here")
 
 
@@ -261,25 +331,37 @@ def trainable_10000x(runs: dict) -> Finding:
     r = runs["full"]["trainable_params"] / runs["lora"]["trainable_params"]
     g = runs["estimates"]["gpt3"]
     s = runs["settings"]
-    measured = (f"SmolLM2 here, r={s['rank']} on every linear layer: {runs['full']['trainable_params']:,} vs "
-                f"{runs['lora']['trainable_params']:,} trainable ({r:,.0f}x fewer); GPT-3 175B with r=4 on W_q, W_v "
-                f"(arithmetic): {g['reduction']:,.0f}x")
+    measured = (
+        f"SmolLM2 here, r={s['rank']} on every linear layer: {runs['full']['trainable_params']:,} vs "
+        f"{runs['lora']['trainable_params']:,} trainable ({r:,.0f}x fewer); GPT-3 175B with r=4 on W_q, W_v "
+        f"(arithmetic): {g['reduction']:,.0f}x"
+    )
     if round(math.log10(r)) >= 4:
         return Finding(measured, HOLDS, "LoRA trains about 10,000x fewer parameters at this size")
-    return Finding(measured, DEPENDS, "the factor is the model's size over the adapters' size: 10,000x is the LoRA "
-                   "paper's GPT-3 175B with r=4 on two matrices per layer, not a property of LoRA")
+    return Finding(
+        measured,
+        DEPENDS,
+        "the factor is the model's size over the adapters' size: 10,000x is the LoRA "
+        "paper's GPT-3 175B with r=4 on two matrices per layer, not a property of LoRA",
+    )
 
 
 def gpt3_10000x_3x(runs: dict) -> Finding:
     g = runs["estimates"]["gpt3"]
     mem = g["full_bytes"] / g["lora_bytes"]
-    measured = (f"estimated, not measured (no 175B model here): {g['lora_params'] / 1e6:.1f}M trainable "
-                f"(r=4 on W_q, W_v of 96 layers) of {g['total_params'] / 1e9:.0f}B = {g['reduction']:,.0f}x fewer; "
-                f"weights + gradients + Adam in 16 bit: {_gb(g['full_bytes'])} vs {_gb(g['lora_bytes'])} ({mem:.1f}x)")
+    measured = (
+        f"estimated, not measured (no 175B model here): {g['lora_params'] / 1e6:.1f}M trainable "
+        f"(r=4 on W_q, W_v of 96 layers) of {g['total_params'] / 1e9:.0f}B = {g['reduction']:,.0f}x fewer; "
+        f"weights + gradients + Adam in 16 bit: {_gb(g['full_bytes'])} vs {_gb(g['lora_bytes'])} ({mem:.1f}x)"
+    )
     if round(math.log10(g["reduction"])) == 4 and _in(mem, (2.5, 4.5)):
-        return Finding(measured, HOLDS, f"the LoRA paper's setting gives both figures by arithmetic ({mem:.1f}x, counting "
-                       "16-bit weights, gradients and Adam, no activations); the paper's own 3x is a measurement, "
-                       "1.2 TB -> 350 GB of VRAM, a different accounting whose full-fine-tuning total is below this one's")
+        return Finding(
+            measured,
+            HOLDS,
+            f"the LoRA paper's setting gives both figures by arithmetic ({mem:.1f}x, counting "
+            "16-bit weights, gradients and Adam, no activations); the paper's own 3x is a measurement, "
+            "1.2 TB -> 350 GB of VRAM, a different accounting whose full-fine-tuning total is below this one's",
+        )
     return Finding(measured, FAILS, "the arithmetic does not give 10,000x and 3x")
 
 
@@ -289,15 +371,21 @@ def optimizer_states_3x(runs: dict) -> Finding:
     measured = f"AdamW state, measured: full fine-tuning {_mb(full)}, LoRA {_mb(lora)} ({r:,.0f}x less)"
     if _in(r, THREE_X_BAND):
         return Finding(measured, HOLDS, "the optimizer state shrinks about 3x")
-    return Finding(measured, FAILS, "optimizer state follows the trainable parameters, so it shrinks by their ratio; "
-                   "the 3x is the LoRA paper's total training memory for GPT-3, not the optimizer state")
+    return Finding(
+        measured,
+        FAILS,
+        "optimizer state follows the trainable parameters, so it shrinks by their ratio; "
+        "the 3x is the LoRA paper's total training memory for GPT-3, not the optimizer state",
+    )
 
 
 def lora_faster_than_full(runs: dict) -> Finding:
     r = step_ratio(runs, "full", "lora")
     measured = _step_measured(runs, "full", "lora")
-    why = ("LoRA skips the weight gradients and the optimizer update of every base weight, but the forward pass and "
-           "the activation gradients still run through the whole model")
+    why = (
+        "LoRA skips the weight gradients and the optimizer update of every base weight, but the forward pass and "
+        "the activation gradients still run through the whole model"
+    )
     if _in(r, TWO_TO_THREE_X):
         return Finding(measured, HOLDS, why)
     return Finding(measured, FAILS, f"LoRA's step is {r:.1f}x faster here, outside 2-3x: {why}")
@@ -306,18 +394,27 @@ def lora_faster_than_full(runs: dict) -> Finding:
 def halves_memory(runs: dict) -> Finding:
     bits = runs["inference"]["bits"]["nf4_dq"]["bits_per_param"]
     r = 16 / bits
-    measured = f"NF4 with double quantization, measured from the stored tensors: {bits:.3f} bits per weight vs 16 ({r:.1f}x less)"
+    measured = (
+        f"NF4 with double quantization, measured from the stored tensors: {bits:.3f} bits per weight "
+        f"vs 16 ({r:.1f}x less)"
+    )
     if _in(r, TWO_X_BAND):
         return Finding(measured, HOLDS, "a 4-bit base takes about half the memory of a 16-bit one")
-    return Finding(measured, FAILS, "4 bits instead of 16 is a quarter, not a half (the quantization constants add "
-                   "only a little)")
+    return Finding(
+        measured, FAILS, "4 bits instead of 16 is a quarter, not a half (the quantization constants add only a little)"
+    )
 
 
 def scales_small(runs: dict) -> Finding:
-    dq, plain = runs["inference"]["bits"]["nf4_dq"]["bits_per_param"], runs["inference"]["bits"]["nf4"]["bits_per_param"]
+    dq, plain = (
+        runs["inference"]["bits"]["nf4_dq"]["bits_per_param"],
+        runs["inference"]["bits"]["nf4"]["bits_per_param"],
+    )
     share = (dq - 4) / dq
-    measured = (f"constants per weight, measured: {dq - 4:.3f} bits of {dq:.3f} ({100 * share:.1f}%) with double "
-                f"quantization, {plain - 4:.3f} of {plain:.3f} ({100 * (plain - 4) / plain:.1f}%) without")
+    measured = (
+        f"constants per weight, measured: {dq - 4:.3f} bits of {dq:.3f} ({100 * share:.1f}%) with double "
+        f"quantization, {plain - 4:.3f} of {plain:.3f} ({100 * (plain - 4) / plain:.1f}%) without"
+    )
     if share <= SMALL_SHARE:
         return Finding(measured, HOLDS, "one 8-bit absmax per 64 weights plus one fp32 per 256 blocks is small")
     return Finding(measured, FAILS, "the quantization constants are not small at this block size")
@@ -326,42 +423,60 @@ def scales_small(runs: dict) -> Finding:
 def dq_half_bit(runs: dict) -> Finding:
     bits = runs["inference"]["bits"]
     saved = bits["nf4"]["bits_per_param"] - bits["nf4_dq"]["bits_per_param"]
-    measured = (f"measured from the stored tensors: {bits['nf4']['bits_per_param']:.3f} bits per weight without, "
-                f"{bits['nf4_dq']['bits_per_param']:.3f} with double quantization: {saved:.3f} bits saved")
+    measured = (
+        f"measured from the stored tensors: {bits['nf4']['bits_per_param']:.3f} bits per weight without, "
+        f"{bits['nf4_dq']['bits_per_param']:.3f} with double quantization: {saved:.3f} bits saved"
+    )
     if abs(saved - 0.5) <= 0.05:
         return Finding(measured, HOLDS, "double quantization saves about half a bit per weight")
-    return Finding(measured, FAILS, "per block of 64 the fp32 absmax (32/64 = 0.5 bits) becomes 8 bits (8/64) plus "
-                   "one fp32 per 256 blocks (32/16384): 0.5 - 0.127 = 0.373 bits, the QLoRA paper's own figure")
+    return Finding(
+        measured,
+        FAILS,
+        "per block of 64 the fp32 absmax (32/64 = 0.5 bits) becomes 8 bits (8/64) plus "
+        "one fp32 per 256 blocks (32/16384): 0.5 - 0.127 = 0.373 bits, the QLoRA paper's own figure",
+    )
 
 
 def fits_65b_48gb(runs: dict) -> Finding:
     e = runs["estimates"]
     paged, plain = e["qlora_65b_48gb_paged"], e["qlora_65b_48gb_adamw"]
-    measured = (f"estimated, not measured (no 65B model here): LLaMA-65B QLoRA, r=64, batch 1 x 512, gradient "
-                f"checkpointing: {_gb(paged['total'])} with the optimizer state paged out, {_gb(plain['total'])} "
-                f"with it on the GPU; 16-bit full fine-tuning: {_gb(e['full_65b_16bit'])}")
+    measured = (
+        f"estimated, not measured (no 65B model here): LLaMA-65B QLoRA, r=64, batch 1 x 512, gradient "
+        f"checkpointing: {_gb(paged['total'])} with the optimizer state paged out, {_gb(plain['total'])} "
+        f"with it on the GPU; 16-bit full fine-tuning: {_gb(e['full_65b_16bit'])}"
+    )
     if paged["fits"]:
-        return Finding(measured, HOLDS, "the estimator (checked against the QLoRA paper's Figure 6) puts it under 48 GB, "
-                       "with a few GB left for the framework")
+        return Finding(
+            measured,
+            HOLDS,
+            "the estimator (checked against the QLoRA paper's Figure 6) puts it under 48 GB, "
+            "with a few GB left for the framework",
+        )
     return Finding(measured, FAILS, "the estimate exceeds 48 GB")
 
 
 def modest_gpus(runs: dict) -> Finding:
     fits = runs["estimates"]["qlora_24gb"]
     measured = "estimated, not measured: QLoRA in 24 GB, r=64, batch 1 x 512: " + ", ".join(
-        f"{size} {_gb(v['total'])} ({'fits' if v['fits'] else 'does not fit'})" for size, v in fits.items())
+        f"{size} {_gb(v['total'])} ({'fits' if v['fits'] else 'does not fit'})" for size, v in fits.items()
+    )
     wanted = ("13B", "33B", "65B")
     if all(fits[s]["fits"] for s in wanted):
         return Finding(measured, HOLDS, "13B to 65B all fit under 24 GB")
     too_big = [s for s in wanted if not fits[s]["fits"]]
-    return Finding(measured, FAILS, f"{', '.join(too_big)} does not fit under 24 GB: its 4-bit weights alone are "
-                   "over 30 GB; that takes a 48 GB GPU")
+    return Finding(
+        measured,
+        FAILS,
+        f"{', '.join(too_big)} does not fit under 24 GB: its 4-bit weights alone are "
+        "over 30 GB; that takes a 48 GB GPU",
+    )
 
 
 def bigger_models_than_lora(runs: dict) -> Finding:
     q, lora = runs["estimates"]["qlora_24gb"], runs["estimates"]["lora_24gb"]
     measured = "estimated, not measured: a 24 GB GPU, r=64, batch 1 x 512: " + "; ".join(
-        f"{s} LoRA {_gb(lora[s]['total'])}, QLoRA {_gb(q[s]['total'])}" for s in q)
+        f"{s} LoRA {_gb(lora[s]['total'])}, QLoRA {_gb(q[s]['total'])}" for s in q
+    )
     largest = lambda fits: max((s for s in fits if fits[s]["fits"]), key=lambda s: fits[s]["total"], default=None)  # noqa: E731
     lq, ll = largest(q), largest(lora)
     if lq is not None and (ll is None or q[lq]["total"] > lora[ll]["total"]) and lq != ll:
@@ -376,13 +491,22 @@ def deploy_4x(runs: dict) -> Finding:
     four = q["bytes"] + 2 * (total - q["params"])  # the rest (embeddings, norms) stays 16-bit
     r = sixteen / four
     dep = runs["estimates"]["deploy"]
-    measured = (f"SmolLM2, measured storage: {_mb(four)} with 4-bit linear layers vs {_mb(sixteen)} in 16 bit ({r:.1f}x); "
-                + "; ".join(f"LLaMA-{s} (estimated) {_gb(v['four_bit'])} vs {_gb(v['sixteen_bit'])} "
-                            f"({v['sixteen_bit'] / v['four_bit']:.1f}x)" for s, v in dep.items()))
+    measured = (
+        f"SmolLM2, measured storage: {_mb(four)} with 4-bit linear layers vs {_mb(sixteen)} in 16 bit ({r:.1f}x); "
+        + "; ".join(
+            f"LLaMA-{s} (estimated) {_gb(v['four_bit'])} vs {_gb(v['sixteen_bit'])} "
+            f"({v['sixteen_bit'] / v['four_bit']:.1f}x)"
+            for s, v in dep.items()
+        )
+    )
     if r >= 3.5:
         return Finding(measured, HOLDS, "the 4-bit model is about 4x smaller")
-    return Finding(measured, DEPENDS, "embeddings and norms stay 16-bit, so the factor approaches 4x only where they "
-                   f"are a small share of the model: {100 * (total - q['params']) / total:.0f}% of SmolLM2's weights")
+    return Finding(
+        measured,
+        DEPENDS,
+        "embeddings and norms stay 16-bit, so the factor approaches 4x only where they "
+        f"are a small share of the model: {100 * (total - q['params']) / total:.0f}% of SmolLM2's weights",
+    )
 
 
 def adapters_small(runs: dict) -> Finding:
@@ -400,26 +524,41 @@ def paging_spike(runs: dict) -> Finding:
     ordinary, long_plain, long_paged = sp["ordinary_plain"], sp["long_plain"], sp["long_paged"]
     spike = long_plain["resident_peak"] - ordinary["resident_peak"]
     freed = long_plain["resident_peak"] - long_paged["resident_peak"]
-    measured = (f"QLoRA, resident peak (weights + gradients + activations + resident optimizer state): "
-                f"{sp['ordinary_tokens']} tokens {_mb(ordinary['resident_peak'])}; {sp['long_tokens']} tokens "
-                f"{_mb(long_plain['resident_peak'])} with AdamW, {_mb(long_paged['resident_peak'])} paged "
-                f"({_mb(sp['budget_bytes'])} of pages resident)")
+    measured = (
+        f"QLoRA, resident peak (weights + gradients + activations + resident optimizer state): "
+        f"{sp['ordinary_tokens']} tokens {_mb(ordinary['resident_peak'])}; {sp['long_tokens']} tokens "
+        f"{_mb(long_plain['resident_peak'])} with AdamW, {_mb(long_paged['resident_peak'])} paged "
+        f"({_mb(sp['budget_bytes'])} of pages resident)"
+    )
     if long_paged["resident_peak"] <= ordinary["resident_peak"]:
-        return Finding(measured, HOLDS, f"paging moved {_mb(freed)} of optimizer state off the fast tier, more than "
-                       f"the spike of {_mb(spike)}")
-    return Finding(measured, DEPENDS, f"paging moved {_mb(freed)} of optimizer state off the fast tier, the long batch "
-                   f"added {_mb(spike)}: paging absorbs a spike only up to the optimizer state's size, which for "
-                   "adapters is small")
+        return Finding(
+            measured,
+            HOLDS,
+            f"paging moved {_mb(freed)} of optimizer state off the fast tier, more than the spike of {_mb(spike)}",
+        )
+    return Finding(
+        measured,
+        DEPENDS,
+        f"paging moved {_mb(freed)} of optimizer state off the fast tier, the long batch "
+        f"added {_mb(spike)}: paging absorbs a spike only up to the optimizer state's size, which for "
+        "adapters is small",
+    )
 
 
 def nf4_for_normal(runs: dict) -> Finding:
     nf, fp = runs["qlora_nf4"], runs["qlora_fp4"]
-    measured = (f"the base quantized with double quantization: perplexity {nf['ppl_before']:.2f} (NF4) vs "
-                f"{fp['ppl_before']:.2f} (FP4), {runs['lora']['ppl_before']:.2f} unquantized; after "
-                f"{runs['settings']['steps']} steps: {nf['ppl_after']:.2f} vs {fp['ppl_after']:.2f}")
+    measured = (
+        f"the base quantized with double quantization: perplexity {nf['ppl_before']:.2f} (NF4) vs "
+        f"{fp['ppl_before']:.2f} (FP4), {runs['lora']['ppl_before']:.2f} unquantized; after "
+        f"{runs['settings']['steps']} steps: {nf['ppl_after']:.2f} vs {fp['ppl_after']:.2f}"
+    )
     if nf["ppl_before"] < fp["ppl_before"]:
-        return Finding(measured, HOLDS, "NF4's levels are quantiles of a normal distribution, where trained weights "
-                       "lie, so the same 4 bits lose less than FP4's")
+        return Finding(
+            measured,
+            HOLDS,
+            "NF4's levels are quantiles of a normal distribution, where trained weights "
+            "lie, so the same 4 bits lose less than FP4's",
+        )
     return Finding(measured, FAILS, "NF4 did not lose less than FP4 on this model")
 
 
@@ -427,71 +566,135 @@ def noise_mitigated(runs: dict) -> Finding:
     ppl = runs["inference"]["ppl"]
     nf4_dq, fp4_dq = runs["qlora_nf4"]["ppl_before"], runs["qlora_fp4"]["ppl_before"]
     dq = ppl["base_nf4_dq"] / ppl["base_nf4"] - 1  # what double quantization does to the error
-    measured = (f"base perplexity {ppl['base']:.3f}; NF4 {ppl['base_nf4']:.3f}, NF4 + double quantization "
-                f"{ppl['base_nf4_dq']:.3f} ({_pct(dq)}), FP4 + double quantization {fp4_dq:.3f}")
+    measured = (
+        f"base perplexity {ppl['base']:.3f}; NF4 {ppl['base_nf4']:.3f}, NF4 + double quantization "
+        f"{ppl['base_nf4_dq']:.3f} ({_pct(dq)}), FP4 + double quantization {fp4_dq:.3f}"
+    )
     if nf4_dq >= fp4_dq:
         return Finding(measured, FAILS, "NF4 did not lose less than FP4 here")
     if dq < -DQ_EFFECT:
         return Finding(measured, HOLDS, "NF4 loses less than FP4, and double quantization lowered the error too")
-    return Finding(measured, FAILS, "NF4 does mitigate the noise (against FP4), double quantization does not: it "
-                   f"quantizes the constants to save memory, and moves perplexity by {_pct(dq)}")
+    return Finding(
+        measured,
+        FAILS,
+        "NF4 does mitigate the noise (against FP4), double quantization does not: it "
+        f"quantizes the constants to save memory, and moves perplexity by {_pct(dq)}",
+    )
 
 
 CLAIMS: tuple[Claim, ...] = (
     Claim(ARTICLE_2025, "Memory requirements: LoRA higher, QLoRA significantly lower", memory_lower),
     Claim(ARTICLE_2025, "Training speed: LoRA faster, QLoRA slightly slower", slightly_slower),
     Claim(ARTICLE_2025, "Inference speed: LoRA slightly faster, QLoRA comparable", inference_comparable),
-    Claim(ARTICLE_2025, "Performance: LoRA potentially higher, QLoRA often comparable or slightly lower",
-          lambda runs: quality(runs, "qlora_nf4", "lora", 0.05)),
-    Claim(ARTICLE_2025, "you can apply the quantization techniques of QLoRA to a trained LoRA model, achieving "
-          "similar memory savings", lora_then_quantize),
+    Claim(
+        ARTICLE_2025,
+        "Performance: LoRA potentially higher, QLoRA often comparable or slightly lower",
+        lambda runs: quality(runs, "qlora_nf4", "lora", 0.05),
+    ),
+    Claim(
+        ARTICLE_2025,
+        "you can apply the quantization techniques of QLoRA to a trained LoRA model, achieving similar memory savings",
+        lora_then_quantize,
+    ),
     Claim(ARTICLE_2025, "Does QLoRA require specialized hardware? No", no_special_hardware),
     Claim(ARTICLE_TECH, "reducing trainable parameters by 10,000x", trainable_10000x),
-    Claim(ARTICLE_TECH, "enabling fine-tuning of 65B parameter models on a single 48GB GPU", fits_65b_48gb,
-          estimated=True),
-    Claim(ARTICLE_TECH, "NF4, a data type specifically designed for normally distributed neural network weights",
-          nf4_for_normal),
-    Claim(ARTICLE_TECH, "4-bit weights are dequantized to bf16 on-the-fly, introducing compute overhead",
-          dequant_overhead),
+    Claim(
+        ARTICLE_TECH, "enabling fine-tuning of 65B parameter models on a single 48GB GPU", fits_65b_48gb, estimated=True
+    ),
+    Claim(
+        ARTICLE_TECH,
+        "NF4, a data type specifically designed for normally distributed neural network weights",
+        nf4_for_normal,
+    ),
+    Claim(
+        ARTICLE_TECH, "4-bit weights are dequantized to bf16 on-the-fly, introducing compute overhead", dequant_overhead
+    ),
     Claim(ARTICLE_TECH, "Double quantization ... saves an additional ~0.5 bits per parameter", dq_half_bit),
     Claim(ARTICLE_TECH, "paged optimizers to manage memory spikes", paging_spike),
-    Claim(ARTICLE_TECH, "adapters can be merged directly into base weights for zero-overhead inference",
-          merged_no_latency),
-    Claim(ARTICLE_TECH, "QLoRA adapters can also be merged, but the base model must first be dequantized",
-          qlora_merge_needs_dequant),
-    Claim(ARTICLE_TECH, "QLoRA achieves quality within 1-2% of full LoRA fine-tuning",
-          lambda runs: quality(runs, "qlora_nf4", "lora", 0.02)),
-    Claim(ARTICLE_TECH, "Training throughput with QLoRA is typically 20-30% slower than LoRA due to dequantization "
-          "overhead", slower_20_30),
-    Claim(ARTICLE_DOMAINS, "~10,000x fewer trainable params and 3x less memory for GPT-3 175B", gpt3_10000x_3x,
-          estimated=True),
-    Claim(ARTICLE_DOMAINS, "LoRA's adapters can be merged into the model at deployment, introducing no extra "
-          "inference latency", merged_no_latency),
-    Claim(ARTICLE_DOMAINS, "QLoRA maintains full 16-bit fine-tuning accuracy",
-          lambda runs: quality(runs, "qlora_nf4", "lora", 0.01)),
-    Claim(ARTICLE_DOMAINS, "LoRA achieves fine-tuning quality on par with full-tuning",
-          lambda runs: quality(runs, "lora", "full", 0.02)),
-    Claim(ARTICLE_DOMAINS, "Only small adapter matrices are trained, cutting required optimizer states by ~3x",
-          optimizer_states_3x),
+    Claim(
+        ARTICLE_TECH, "adapters can be merged directly into base weights for zero-overhead inference", merged_no_latency
+    ),
+    Claim(
+        ARTICLE_TECH,
+        "QLoRA adapters can also be merged, but the base model must first be dequantized",
+        qlora_merge_needs_dequant,
+    ),
+    Claim(
+        ARTICLE_TECH,
+        "QLoRA achieves quality within 1-2% of full LoRA fine-tuning",
+        lambda runs: quality(runs, "qlora_nf4", "lora", 0.02),
+    ),
+    Claim(
+        ARTICLE_TECH,
+        "Training throughput with QLoRA is typically 20-30% slower than LoRA due to dequantization overhead",
+        slower_20_30,
+    ),
+    Claim(
+        ARTICLE_DOMAINS,
+        "~10,000x fewer trainable params and 3x less memory for GPT-3 175B",
+        gpt3_10000x_3x,
+        estimated=True,
+    ),
+    Claim(
+        ARTICLE_DOMAINS,
+        "LoRA's adapters can be merged into the model at deployment, introducing no extra inference latency",
+        merged_no_latency,
+    ),
+    Claim(
+        ARTICLE_DOMAINS,
+        "QLoRA maintains full 16-bit fine-tuning accuracy",
+        lambda runs: quality(runs, "qlora_nf4", "lora", 0.01),
+    ),
+    Claim(
+        ARTICLE_DOMAINS,
+        "LoRA achieves fine-tuning quality on par with full-tuning",
+        lambda runs: quality(runs, "lora", "full", 0.02),
+    ),
+    Claim(
+        ARTICLE_DOMAINS,
+        "Only small adapter matrices are trained, cutting required optimizer states by ~3x",
+        optimizer_states_3x,
+    ),
     Claim(ARTICLE_DOMAINS, "higher throughput and 2-3x faster training", lora_faster_than_full),
     Claim(ARTICLE_DOMAINS, "Base model in 4-bit halves raw memory", halves_memory),
     Claim(ARTICLE_DOMAINS, "Extra memory for quant scales is small", scales_small),
     Claim(ARTICLE_DOMAINS, "4-bit inference can be ~2x faster on supported hardware", four_bit_inference_2x),
     Claim(ARTICLE_DOMAINS, "Quantization noise is mitigated by NF4/double-quantization", noise_mitigated),
-    Claim(ARTICLE_DOMAINS, "GPU memory very tight (e.g. <24GB): makes it possible to adapt 13B-65B models on modest "
-          "GPUs", modest_gpus, estimated=True),
-    Claim(ARTICLE_DOMAINS, "A model fine-tuned with QLoRA is already quantized; you can deploy it as a ~4x smaller "
-          "footprint", deploy_4x),
-    Claim(ARTICLE_EVERYDAY, "By quantizing the base model to 4-bit precision, QLoRA can significantly reduce the "
-          "memory footprint", memory_lower),
-    Claim(ARTICLE_EVERYDAY, "fine-tune a powerful AI model on a consumer-grade GPU that wouldn't have been possible "
-          "with standard LoRA", bigger_models_than_lora, estimated=True),
-    Claim(ARTICLE_EVERYDAY, "you only save these small LoRA adapters, which are much smaller in file size",
-          adapters_small),
-    Claim(ARTICLE_EVERYDAY, "often performing as well as or better than 16-bit fine-tuning",
-          lambda runs: quality(runs, "qlora_nf4", "lora", 0.01)),
-    Claim(ARTICLE_EVERYDAY, "paged optimizers ... offloading data to the CPU when not actively in use, preventing "
-          "crashes", paging_spike),
+    Claim(
+        ARTICLE_DOMAINS,
+        "GPU memory very tight (e.g. <24GB): makes it possible to adapt 13B-65B models on modest GPUs",
+        modest_gpus,
+        estimated=True,
+    ),
+    Claim(
+        ARTICLE_DOMAINS,
+        "A model fine-tuned with QLoRA is already quantized; you can deploy it as a ~4x smaller footprint",
+        deploy_4x,
+    ),
+    Claim(
+        ARTICLE_EVERYDAY,
+        "By quantizing the base model to 4-bit precision, QLoRA can significantly reduce the memory footprint",
+        memory_lower,
+    ),
+    Claim(
+        ARTICLE_EVERYDAY,
+        "fine-tune a powerful AI model on a consumer-grade GPU that wouldn't have been possible with standard LoRA",
+        bigger_models_than_lora,
+        estimated=True,
+    ),
+    Claim(
+        ARTICLE_EVERYDAY, "you only save these small LoRA adapters, which are much smaller in file size", adapters_small
+    ),
+    Claim(
+        ARTICLE_EVERYDAY,
+        "often performing as well as or better than 16-bit fine-tuning",
+        lambda runs: quality(runs, "qlora_nf4", "lora", 0.01),
+    ),
+    Claim(
+        ARTICLE_EVERYDAY,
+        "paged optimizers ... offloading data to the CPU when not actively in use, preventing crashes",
+        paging_spike,
+    ),
 )
 
 
@@ -508,6 +711,12 @@ def markdown_table(rows: list[dict]) -> str:
     """The claims as a Markdown table: source, claim, measured here, verdict, why."""
     lines = ["| source | claim | measured here | verdict | why |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append("| " + " | ".join(_cell(x) for x in (r["source"], f"\u201c{r['claim']}\u201d", r["measured"],
-                                                          f"**{r['verdict']}**", r["why"])) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                _cell(x)
+                for x in (r["source"], f"\u201c{r['claim']}\u201d", r["measured"], f"**{r['verdict']}**", r["why"])
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"

@@ -45,27 +45,50 @@ class LabConfig:
     isolate: bool = True  # each run in a fresh process (its own peak RSS)
 
     @classmethod
-    def full_settings(cls, **overrides) -> "LabConfig":
+    def full_settings(cls, **overrides) -> LabConfig:
         """Longer runs: enough steps for the quality claims to get a verdict."""
-        settings = dict(steps=150, batch_size=4, seq_len=128, train_blocks=None, eval_blocks=32,
-                        latency_tokens=128, latency_rounds=7, latency_repeats=5, spike_seq_len=2048)
+        settings = dict(
+            steps=150,
+            batch_size=4,
+            seq_len=128,
+            train_blocks=None,
+            eval_blocks=32,
+            latency_tokens=128,
+            latency_rounds=7,
+            latency_repeats=5,
+            spike_seq_len=2048,
+        )
         return cls(**{**settings, **overrides})
 
     def validate(self) -> None:
         """Refuse impossible settings before anything is loaded, naming the setting and what is valid."""
-        for name in ("steps", "batch_size", "eval_blocks", "rank", "latency_tokens", "latency_rounds",
-                     "latency_repeats", "page_kib", "page_budget_pages", "min_quality_steps"):
+        for name in (
+            "steps",
+            "batch_size",
+            "eval_blocks",
+            "rank",
+            "latency_tokens",
+            "latency_rounds",
+            "latency_repeats",
+            "page_kib",
+            "page_budget_pages",
+            "min_quality_steps",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LabConfig.{name}={value!r} is not valid; it must be an integer of at least 1")
         if not isinstance(self.seq_len, int) or self.seq_len < 8:
             raise ValueError(f"LabConfig.seq_len={self.seq_len!r} is not valid; use at least 8 tokens")
         if self.latency_tokens > self.seq_len * self.eval_blocks:
-            raise ValueError(f"LabConfig.latency_tokens={self.latency_tokens} is more than the held-out text "
-                             f"tokenized ({self.eval_blocks} blocks of {self.seq_len}); lower it")
+            raise ValueError(
+                f"LabConfig.latency_tokens={self.latency_tokens} is more than the held-out text "
+                f"tokenized ({self.eval_blocks} blocks of {self.seq_len}); lower it"
+            )
         if self.train_blocks is not None and self.train_blocks < self.batch_size:
-            raise ValueError(f"LabConfig.train_blocks={self.train_blocks} is fewer than one batch of "
-                             f"{self.batch_size}; raise it (or None for the whole training split)")
+            raise ValueError(
+                f"LabConfig.train_blocks={self.train_blocks} is fewer than one batch of "
+                f"{self.batch_size}; raise it (or None for the whole training split)"
+            )
         if self.spike_seq_len < 0:
             raise ValueError(f"LabConfig.spike_seq_len={self.spike_seq_len} is not valid; use 0 (skip) or a length")
         if not self.alpha > 0:
@@ -74,7 +97,9 @@ class LabConfig:
             try:
                 device = torch.device(self.device)
             except (RuntimeError, TypeError):
-                raise ValueError(f"LabConfig.device={self.device!r} is not a torch device; use 'cpu' or 'cuda'") from None
+                raise ValueError(
+                    f"LabConfig.device={self.device!r} is not a torch device; use 'cpu' or 'cuda'"
+                ) from None
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise ValueError(f"LabConfig.device={self.device!r}, but torch sees no CUDA GPU here; use 'cpu'")
 
@@ -92,7 +117,17 @@ def device_and_dtype(config: LabConfig) -> tuple[torch.device, torch.dtype]:
 
 def finetune_config(name: str, config: LabConfig) -> FinetuneConfig:
     """The shared settings plus run ``name``'s method; the learning rate is each method's default."""
-    return FinetuneConfig(rank=config.rank, alpha=config.alpha, steps=config.steps, batch_size=config.batch_size,
-                          seq_len=config.seq_len, train_blocks=config.train_blocks, eval_blocks=config.eval_blocks,
-                          warmup_steps=min(6, config.steps), corpus=config.corpus, seed=config.seed,
-                          model=config.model, **RUNS[name])
+    return FinetuneConfig(
+        rank=config.rank,
+        alpha=config.alpha,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        seq_len=config.seq_len,
+        train_blocks=config.train_blocks,
+        eval_blocks=config.eval_blocks,
+        warmup_steps=min(6, config.steps),
+        corpus=config.corpus,
+        seed=config.seed,
+        model=config.model,
+        **RUNS[name],
+    )

@@ -23,10 +23,15 @@ from lorakit.merge import merge_qlora
 from lorakit.models import count_parameters, load_base_model
 from lorakit.timing import StageClock, interleaved_latency
 
-
 # (before, after) pairs the inference job compares on the same held-out blocks
-PAIRS = (("base", "base_nf4_dq"), ("base_nf4", "base_nf4_dq"), ("qlora", "lora_then_nf4_adapter"),
-         ("qlora", "lora_merged_then_nf4"), ("qlora", "qlora_merged_requantized"), ("lora", "qlora"))
+PAIRS = (
+    ("base", "base_nf4_dq"),
+    ("base_nf4", "base_nf4_dq"),
+    ("qlora", "lora_then_nf4_adapter"),
+    ("qlora", "lora_merged_then_nf4"),
+    ("qlora", "qlora_merged_requantized"),
+    ("lora", "qlora"),
+)
 
 
 def _change(change) -> dict:
@@ -128,22 +133,26 @@ def inference_run(settings: dict, adapters: dict[str, str]) -> dict:
     del lora_merged_nf4
     clock("LoRA quantized afterwards")
     # paired comparisons on the same blocks (lorakit.compare_perplexity): is a difference outside the noise?
-    out["paired"] = {
-        f"{b} vs {a}": _change(compare_perplexity(measured[a], measured[b]))
-        for a, b in PAIRS
-    }
+    out["paired"] = {f"{b} vs {a}": _change(compare_perplexity(measured[a], measured[b])) for a, b in PAIRS}
 
     def forward(model):
         def call():
             model(input_ids=prompt)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+
         return call
 
-    models = {"base": base, "lora_merged": lora_merged, "lora_unmerged": lora, "qlora_unmerged": qlora,
-              "qlora_merged": qlora_merged}
-    out["latency"] = interleaved_latency({k: forward(m) for k, m in models.items()},
-                                         config.latency_rounds, config.latency_repeats)
+    models = {
+        "base": base,
+        "lora_merged": lora_merged,
+        "lora_unmerged": lora,
+        "qlora_unmerged": qlora,
+        "qlora_merged": qlora_merged,
+    }
+    out["latency"] = interleaved_latency(
+        {k: forward(m) for k, m in models.items()}, config.latency_rounds, config.latency_repeats
+    )
     out["latency_tokens"] = int(prompt.shape[1])
     clock("latency")
     out["stage_seconds"] = clock.seconds

@@ -39,14 +39,24 @@ def _lm_batch(ids: torch.Tensor, device: torch.device) -> dict:
 
 
 def _ledger_line(ledger, optimizer=None) -> dict:
-    return dict(weights=ledger.weight_bytes, gradients=ledger.gradients, optimizer_state=ledger.optimizer_state,
-                activations=ledger.activations, total=ledger.total, peak_rss=ledger.peak_rss,
-                peak_rss_is_step_only=ledger.peak_rss_is_step_only, peak_cuda=ledger.peak_cuda,
-                resident_peak=resident_peak(ledger, optimizer))
+    return dict(
+        weights=ledger.weight_bytes,
+        gradients=ledger.gradients,
+        optimizer_state=ledger.optimizer_state,
+        activations=ledger.activations,
+        total=ledger.total,
+        peak_rss=ledger.peak_rss,
+        peak_rss_is_step_only=ledger.peak_rss_is_step_only,
+        peak_cuda=ledger.peak_cuda,
+        resident_peak=resident_peak(ledger, optimizer),
+    )
 
 
 def storage_line(model: torch.nn.Module) -> dict:
-    """Bytes and bits per weight of the model's 4-bit layers (:func:`lorakit.memory.quantized_storage`), as plain numbers."""
+    """Bytes and bits per weight of the model's 4-bit layers, as plain numbers.
+
+    Counted by :func:`lorakit.memory.quantized_storage`.
+    """
     s = quantized_storage(model)
     return dict(params=s.n_params, bytes=s.total_bytes, bits_per_param=s.bits_per_parameter)
 
@@ -67,15 +77,21 @@ def paging_spike(model, ordinary: dict, long: dict, page_bytes: int, budget_page
     trainable = [p for p in model.parameters() if p.requires_grad]
     ordinary_plain = _zero_lr_ledger(model, ordinary, torch.optim.AdamW(trainable, lr=0.0))
     long_plain = _zero_lr_ledger(model, long, torch.optim.AdamW(trainable, lr=0.0))
-    paged = PagedOptimizer(torch.optim.AdamW(trainable, lr=0.0), budget_bytes=budget_pages * page_bytes,
-                           page_bytes=page_bytes)
+    paged = PagedOptimizer(
+        torch.optim.AdamW(trainable, lr=0.0), budget_bytes=budget_pages * page_bytes, page_bytes=page_bytes
+    )
     try:
         long_paged = _zero_lr_ledger(model, long, paged)
     finally:
         paged.close()
-    return dict(ordinary_tokens=ordinary["input_ids"].numel(), long_tokens=long["input_ids"].numel(),
-                ordinary_plain=ordinary_plain, long_plain=long_plain, long_paged=long_paged,
-                budget_bytes=budget_pages * page_bytes)
+    return dict(
+        ordinary_tokens=ordinary["input_ids"].numel(),
+        long_tokens=long["input_ids"].numel(),
+        ordinary_plain=ordinary_plain,
+        long_plain=long_plain,
+        long_paged=long_paged,
+        budget_bytes=budget_pages * page_bytes,
+    )
 
 
 def train_run(name: str, settings: dict, adapter_dir: str | None) -> dict:
@@ -87,19 +103,25 @@ def train_run(name: str, settings: dict, adapter_dir: str | None) -> dict:
     fconfig = finetune_config(name, config)
     clock = StageClock()
     stamps: list[float] = []
-    result = finetune(fconfig, device=device, dtype=dtype, progress=False,
-                      on_step=lambda _: stamps.append(time.perf_counter()))
+    result = finetune(
+        fconfig, device=device, dtype=dtype, progress=False, on_step=lambda _: stamps.append(time.perf_counter())
+    )
     model, tokenizer = result.model, result.tokenizer
     peak_rss_run = peak_rss_bytes()  # loading + training + the two evaluations
     clock("load, evaluate, train, evaluate")
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]  # steps 2..N: the first one allocates the optimizer
     out = dict(
-        method=fconfig.method, quant_type=fconfig.kind if fconfig.method == "qlora" else None,
-        lr=fconfig.learning_rate, ppl_before=result.metrics["ppl_before"], ppl_after=result.metrics["ppl_after"],
-        ppl_before_ci=result.metrics["ppl_before_ci"], ppl_after_ci=result.metrics["ppl_after_ci"],  # 95% intervals
+        method=fconfig.method,
+        quant_type=fconfig.kind if fconfig.method == "qlora" else None,
+        lr=fconfig.learning_rate,
+        ppl_before=result.metrics["ppl_before"],
+        ppl_after=result.metrics["ppl_after"],
+        ppl_before_ci=result.metrics["ppl_before_ci"],
+        ppl_after_ci=result.metrics["ppl_after_ci"],  # 95% intervals
         final_loss=result.metrics["final_loss"],
         step_seconds=statistics.median(gaps) if gaps else result.metrics["seconds_per_step"],
-        trainable_params=result.metrics["trainable_params"], total_params=result.metrics["total_params"],
+        trainable_params=result.metrics["trainable_params"],
+        total_params=result.metrics["total_params"],
         peak_rss_run=peak_rss_run,
         peak_cuda_run=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     )
@@ -115,8 +137,9 @@ def train_run(name: str, settings: dict, adapter_dir: str | None) -> dict:
     if name == "qlora_nf4" and config.spike_seq_len:
         train_docs, _ = split_documents(config.corpus, seed=0)
         long_ids = tokenize_blocks(tokenizer, train_docs, config.spike_seq_len, max_blocks=1)  # (1, T_long)
-        out["spike"] = paging_spike(model, ordinary, _lm_batch(long_ids, device), config.page_kib * 1024,
-                                    config.page_budget_pages)
+        out["spike"] = paging_spike(
+            model, ordinary, _lm_batch(long_ids, device), config.page_kib * 1024, config.page_budget_pages
+        )
         clock("paging spike")
     if fconfig.method == "full":
         out["checkpoint_bytes"] = model_bytes(model)  # every weight: what a full fine-tune must save

@@ -12,10 +12,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -41,10 +41,12 @@ class LabResult:
 
     def markdown(self) -> str:
         s = self.runs["settings"]
-        head = (f"# LoRA vs QLoRA, measured\n\nSmolLM2 on {s['device_name']} ({s['dtype']}), {s['steps']} steps of "
-                f"{s['batch_size']} x {s['seq_len']} tokens, seed {s['seed']}; held-out perplexity on {s['eval_blocks']} "
-                f"evenly spaced blocks of {s['seq_len']} tokens (lorakit.HeldOut), with 95% bootstrap intervals; "
-                f"lab run took {s['seconds']:.0f} s.\n\n")
+        head = (
+            f"# LoRA vs QLoRA, measured\n\nSmolLM2 on {s['device_name']} ({s['dtype']}), {s['steps']} steps of "
+            f"{s['batch_size']} x {s['seq_len']} tokens, seed {s['seed']}; held-out perplexity on {s['eval_blocks']} "
+            f"evenly spaced blocks of {s['seq_len']} tokens (lorakit.HeldOut), with 95% bootstrap intervals; "
+            f"lab run took {s['seconds']:.0f} s.\n\n"
+        )
         return head + markdown_table(self.claims)
 
     def verdict(self, claim_start: str) -> str:
@@ -61,8 +63,9 @@ class LabResult:
         return atomic_write_text(path, self.markdown())
 
 
-def run_lab(config: LabConfig | None = None, adapter_dir: str | os.PathLike | None = None, progress: bool = True,
-            **settings) -> LabResult:
+def run_lab(
+    config: LabConfig | None = None, adapter_dir: str | os.PathLike | None = None, progress: bool = True, **settings
+) -> LabResult:
     """Run the four fine-tunes and the inference measurements, then answer every claim.
 
     ``settings`` override ``config``'s fields (``run_lab(steps=4)``). Adapters are saved under
@@ -94,9 +97,13 @@ def run_lab(config: LabConfig | None = None, adapter_dir: str | os.PathLike | No
         runs[name].pop("adapter_dir", None)
     runs["estimates"] = scale_estimates()
     runs["settings"] = dict(
-        plain, device=str(device), dtype=str(dtype).removeprefix("torch."),
+        plain,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-        cpu_threads=torch.get_num_threads(), torch=torch.__version__, seconds=round(time.perf_counter() - start, 1),
+        cpu_threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        seconds=round(time.perf_counter() - start, 1),
     )
     return LabResult(claims=evaluate_claims(runs), runs=runs)
 
@@ -113,6 +120,7 @@ def scale_estimates() -> dict:
     Computed by :func:`lorakit.estimate_memory` (checked against the ledger and the QLoRA paper's
     Figure 6 in ``tests/test_memory.py``) and :class:`lorakit.lowrank.Gpt3LoRA`; nothing here is measured.
     """
+
     def fit(gpu_gb, size, method, **kw):
         check = check_fit(gpu_gb, model=size, method=method, **kw)
         return dict(total=check.estimate.total, fits=check.fits)
@@ -131,7 +139,12 @@ def scale_estimates() -> dict:
         full_65b_16bit=estimate_memory("65B", "full", bits=16).total,
         qlora_24gb={size: fit(24, size, "qlora", **paper) for size in LLAMA},
         lora_24gb={size: fit(24, size, "lora", **lora_paper) for size in LLAMA},
-        gpt3=dict(total_params=gpt3.total_params, lora_params=gpt3.lora_params, reduction=gpt3.reduction,
-                  full_bytes=gpt3.training_bytes(lora=False), lora_bytes=gpt3.training_bytes(lora=True)),
+        gpt3=dict(
+            total_params=gpt3.total_params,
+            lora_params=gpt3.lora_params,
+            reduction=gpt3.reduction,
+            full_bytes=gpt3.training_bytes(lora=False),
+            lora_bytes=gpt3.training_bytes(lora=True),
+        ),
         deploy=deploy,
     )

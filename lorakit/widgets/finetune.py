@@ -54,8 +54,11 @@ def memory_figure(report: SettingReport | str) -> Figure:
             ax.text(left, row, f" {left:,.0f} MB", va="center")
         ax.set_yticks([0, 1], [f"QLoRA {report.quant_type}{report.bits}", "LoRA"])
         ax.set_xlabel("MB for one training step (estimated)")
-        ax.set_title(f"rank {report.rank}: {report.trainable_params:,} trainable params, "
-                     f"quantization error {report.quantization.relative_error:.1%}", fontsize=10)
+        ax.set_title(
+            f"rank {report.rank}: {report.trainable_params:,} trainable params, "
+            f"quantization error {report.quantization.relative_error:.1%}",
+            fontsize=10,
+        )
         ax.legend(fontsize=7, loc="lower right")
         ax.margins(x=0.3)
     return fig
@@ -84,18 +87,27 @@ class FinetuneControl(PicturedControl):
     report's :func:`memory_figure`.
     """
 
-    def __init__(self, model: torch.nn.Module, board: RunBoard | None = None, rank: int = 8, bits: int = 4,
-                 quant_type: str = "nf", **report_settings):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        board: RunBoard | None = None,
+        rank: int = 8,
+        bits: int = 4,
+        quant_type: str = "nf",
+        **report_settings,
+    ):
         import ipywidgets as widgets
 
         self.model, self.report_settings = model, report_settings
         self.weights = block_weights(model)
         self.board = board or RunBoard()
         self.controls = {
-            "rank": widgets.IntSlider(value=rank, min=RANKS[0], max=RANKS[1], description="rank",
-                                      continuous_update=False),
-            "bits": widgets.SelectionSlider(options=list(BITS), value=bits, description="bits",
-                                            continuous_update=False),
+            "rank": widgets.IntSlider(
+                value=rank, min=RANKS[0], max=RANKS[1], description="rank", continuous_update=False
+            ),
+            "bits": widgets.SelectionSlider(
+                options=list(BITS), value=bits, description="bits", continuous_update=False
+            ),
             "quant_type": widgets.Dropdown(options=list(KINDS), value=quant_type, description="data type"),
         }
         self.text = widgets.HTML()
@@ -105,8 +117,16 @@ class FinetuneControl(PicturedControl):
         self.loss_plot = widgets.Image(format="png")
         self.runs_text = widgets.HTML()
         self.runs_plot = widgets.Image(format="png")
-        parts = {**self.controls, "report": self.text, "plot": self.plot, "train": self.button,
-                 "progress": self.progress, "loss": self.loss_plot, "runs": self.runs_text, "runs-plot": self.runs_plot}
+        parts = {
+            **self.controls,
+            "report": self.text,
+            "plot": self.plot,
+            "train": self.button,
+            "progress": self.progress,
+            "loss": self.loss_plot,
+            "runs": self.runs_text,
+            "runs-plot": self.runs_plot,
+        }
         for name, part in parts.items():
             part.add_class(f"lorakit-finetune-{name}")  # for the browser tests' selectors
         self.widget = widgets.VBox(list(parts.values()))
@@ -123,8 +143,9 @@ class FinetuneControl(PicturedControl):
         """Recompute the report from the controls; show the picture, then the text."""
         s = self.settings()
         try:
-            self.report = setting_report(self.model, s["rank"], s["bits"], s["quant_type"], weights=self.weights,
-                                         **self.report_settings)
+            self.report = setting_report(
+                self.model, s["rank"], s["bits"], s["quant_type"], weights=self.weights, **self.report_settings
+            )
         except ValueError as err:
             self.report = str(err)
         self.plot.value = self.png()  # the picture first: once the text shows a setting, so does the plot
@@ -145,9 +166,12 @@ class FinetuneControl(PicturedControl):
         try:
             self.progress.outputs = ()
             with self.progress:  # the tqdm bar shows here
-                run = self.board.train(s["rank"], s["bits"], s["quant_type"],
-                                       on_step=lambda r: setattr(self.loss_plot, "value",
-                                                                 figure_png(loss_figure(r.losses, steps))))
+                run = self.board.train(
+                    s["rank"],
+                    s["bits"],
+                    s["quant_type"],
+                    on_step=lambda r: setattr(self.loss_plot, "value", figure_png(loss_figure(r.losses, steps))),
+                )
             self.runs_plot.value = figure_png(runs_figure(self.board.runs))
             self.runs_text.value = self.board.html()
             return run
