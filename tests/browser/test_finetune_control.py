@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import nbformat
 import pytest
+import torch
 from lab import (
     ROOT,
     error_outputs,
@@ -26,18 +27,20 @@ from lab import (
 from lorakit import load_base_model, setting_report
 from lorakit.codebooks import BITS
 from lorakit.finetune.report import RANKS
+from lorakit.runtime import pick_dtype
 from lorakit.widgets.finetune import memory_figure
 from lorakit.widgets.picture import figure_png
 
 NOTEBOOK = "06_qlora_finetune.ipynb"
 CONTROL = ".jp-NotebookPanel .lorakit-finetune-"  # + rank / bits / quant_type / report / plot / train / runs
+NOTEBOOK_DTYPE = pick_dtype(torch.device("cpu"))  # what the notebook's lorakit.setup() picks here (bf16 on AVX512-BF16)
 TINY = dict(BATCH_SIZE=2, SEQ_LEN=32, EVAL_BLOCKS=2, WIDGET_STEPS=1, WIDGET_EVAL_BLOCKS=1)
 
 
 @pytest.fixture(scope="module")
 def base():
     """The unquantized model the controls describe (the notebook's MODEL)."""
-    model, _ = load_base_model(notebook_parameters(ROOT / "notebooks" / NOTEBOOK)["MODEL"])
+    model, _ = load_base_model(notebook_parameters(ROOT / "notebooks" / NOTEBOOK)["MODEL"], dtype=NOTEBOOK_DTYPE)
     return model
 
 
@@ -65,7 +68,9 @@ def _needed_before_controls(cell) -> bool:
 def expect_shown(page, base, rank: int, bits: int, quant_type: str, name: str) -> None:
     """Wait until the control shows this setting's report, then check text and picture against lorakit."""
     try:
-        report = setting_report(base, rank, bits, quant_type, batch_size=TINY["BATCH_SIZE"], seq_len=TINY["SEQ_LEN"])
+        report = setting_report(
+            base, rank, bits, quant_type, batch_size=TINY["BATCH_SIZE"], seq_len=TINY["SEQ_LEN"], dtype=NOTEBOOK_DTYPE
+        )
         expected = str(report)
     except ValueError as err:  # an invalid setting shows the reason
         report = expected = str(err)
