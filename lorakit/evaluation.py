@@ -197,6 +197,20 @@ def heldout_perplexity(
         raise ValueError(f"heldout_perplexity: blocks must be (N, T) with N >= 2 and T >= 2, got {tuple(blocks.shape)}")
     _check_bootstrap(confidence, resamples)
     losses = block_losses(model, blocks, batch_size)  # (N,)
+    return perplexity_from_losses(losses, blocks, label, confidence=confidence, resamples=resamples, seed=seed)
+
+
+def perplexity_from_losses(
+    losses: torch.Tensor,
+    blocks: torch.Tensor,
+    label: str = "given blocks",
+    *,
+    confidence: float = CONFIDENCE,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> Perplexity:
+    """A :class:`Perplexity` from per-block mean losses ``(N,)`` already computed on ``blocks`` ``(N, T)``
+    (for a caller that gets the losses from a pass it makes anyway): the point estimate and its interval."""
     low, high = _interval(_resampled_means(losses, resamples, seed), confidence)
     return Perplexity(
         ppl=math.exp(losses.mean().item()),

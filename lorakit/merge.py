@@ -23,8 +23,6 @@ writes and ``AutoModelForCausalLM.from_pretrained`` reads back without lorakit.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -34,7 +32,7 @@ from torch import nn
 from lorakit.blockwise import quantize_blockwise, unpack_codes
 from lorakit.codebooks import widest_gap
 from lorakit.double_quant import dequantize_absmax
-from lorakit.evaluation import CONFIDENCE, RESAMPLES, Perplexity, _interval, _resampled_means
+from lorakit.evaluation import Perplexity, perplexity_from_losses
 from lorakit.linear4bit import Linear4bit, dequantize_model, set_module, to_float_layer
 from lorakit.lora import check_finite_merge, lora_layers
 
@@ -222,24 +220,6 @@ def compare_logits(
             losses[name].append(nll.view(len(ids), -1).double().mean(dim=1).cpu())  # (B,)
     out = {}
     for name in models:
-        heldout = _perplexity_of(torch.cat(losses[name]), blocks)
+        heldout = perplexity_from_losses(torch.cat(losses[name]), blocks)
         out[name] = Comparison(worst[name], error_sum[name] / n_logits, heldout.ppl, heldout)
     return out
-
-
-def _perplexity_of(block_losses: torch.Tensor, blocks: torch.Tensor) -> Perplexity:
-    """A :class:`Perplexity` from per-block losses ``(N,)``, built as ``heldout_perplexity`` builds it."""
-    low, high = _interval(_resampled_means(block_losses, RESAMPLES, 0), CONFIDENCE)
-    return Perplexity(
-        ppl=math.exp(block_losses.mean().item()),
-        low=math.exp(low),
-        high=math.exp(high),
-        confidence=CONFIDENCE,
-        n_blocks=len(blocks),
-        seq_len=blocks.shape[1],
-        heldout="given blocks",
-        block_losses=tuple(block_losses.tolist()),
-        blocks_digest=hashlib.sha256(blocks.cpu().numpy().tobytes()).hexdigest()[:12],
-        resamples=RESAMPLES,
-        seed=0,
-    )
