@@ -154,7 +154,7 @@ class LoRALinear(nn.Module):
             raise NotImplementedError(
                 f"cannot {what} LoRA into a Linear4bit base layer in place: W0 + (alpha / r) B A is not a 4-bit "
                 "weight. Use lorakit.merge_qlora(model, strategy) with strategy 'dequantized' (16-bit), "
-                "'requantized' (4-bit again) or 'original' (the unquantized W0); notebook 07 compares them"
+                "'requantized' (4-bit again) or 'original' (the unquantized W0); notebook 08 compares them"
             )
         if not isinstance(base, (nn.Linear, Conv1D)) or not base.weight.is_floating_point():  # e.g. packed codes
             raise NotImplementedError(

@@ -205,3 +205,17 @@ def test_first_step_update_alpha_over_r_shrinks_rslora_does_not():
     rs = {r: first_step_update(128, r, alpha=16, rslora=True) for r in (4, 16)}
     assert plain[16] / plain[4] == pytest.approx(0.5, rel=0.2)  # 1 / sqrt(16 / 4)
     assert rs[16] / rs[4] == pytest.approx(1.0, rel=0.2)
+
+
+def test_check_reports_a_stub_as_not_solved_and_raises_on_a_wrong_answer(capsys):
+    from lorakit.exercises import check
+
+    def stub(d_in, d_out, r):
+        raise NotImplementedError()
+
+    check(check_lora_param_count, stub)
+    assert capsys.readouterr().out.startswith("not solved yet: stub")
+    with pytest.raises(AssertionError, match="d_in=16, d_out=16, r=1"):
+        check(check_lora_param_count, lambda d_in, d_out, r: d_in * r)
+    check(check_lora_param_count, lambda d_in, d_out, r: r * (d_in + d_out))
+    assert capsys.readouterr().out.startswith("correct")

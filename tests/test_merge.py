@@ -207,7 +207,7 @@ def test_original_equals_merging_lora_into_the_unquantized_model(tiny):
 
 
 def test_original_accepts_the_bfloat16_model_that_was_quantized(tiny):
-    """A bf16 W0 was scaled in bf16, so the check allows one bf16 step (SmolLM2's q_proj in notebook 07
+    """A bf16 W0 was scaled in bf16, so the check allows one bf16 step (SmolLM2's q_proj in notebook 08
     exceeded the float32 bound by 1%); the looser bound still refuses another model of the same shapes."""
     base = copy.deepcopy(tiny).to(torch.bfloat16)
     model = qlora(base)

@@ -43,7 +43,7 @@ def merge_adapter(model: torch.nn.Module) -> torch.nn.Module:
     """Merge every LoRA update into its base weight and drop the wrappers; returns the plain model.
 
     A 4-bit base cannot absorb ``(alpha / r) B A`` (its weights are codes), so QLoRA's adapter is
-    merged into the dequantized weights (``merge_qlora``'s strategy "dequantized", notebook 07):
+    merged into the dequantized weights (``merge_qlora``'s strategy "dequantized", notebook 08):
     the merged model holds full-precision weights.
     """
     if any(isinstance(m, Linear4bit) for m in model.modules()):
