@@ -19,7 +19,6 @@ from lorakit.memory import lora_params, model_shape
 from lorakit.tradeoff import quantization_tradeoff
 
 
-
 def check(checker: Callable[..., str], answer: object, *args: object, **kwargs: object) -> None:
     """Run ``checker`` on the learner's ``answer`` and print its verdict: the notebooks' checker cells call this.
 
