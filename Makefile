@@ -60,8 +60,12 @@ TORCH_INDEX_OPTIONS = case '$(TORCH)' in (*index-url*) exit 0;; esac; \
 $(STAMP): pyproject.toml constraints.txt $(TORCH_CHOICE) | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH) $$($(TORCH_INDEX_OPTIONS))
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[reference,lab,dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[reference,deploy,lab,dev]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (lorakit)" >/dev/null
+	@# nbgrader is here for its ClearSolutions preprocessor (make student), not its course-management UI.
+	$(VENV)/bin/jupyter labextension disable --level=sys_prefix @jupyter/nbgrader >/dev/null 2>&1
+	for ext in assignment_list course_list formgrader validate_assignment; do \
+		$(VENV)/bin/jupyter server extension disable --sys-prefix nbgrader.server_extensions.$$ext >/dev/null 2>&1; done
 	@# JupyterLab offline: no news feed or update check (they call out to the internet).
 	mkdir -p $(VENV)/share/jupyter/lab/settings
 	echo '{"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false}}' \
