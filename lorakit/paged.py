@@ -80,8 +80,11 @@ class PagedOptimizer(torch.optim.Optimizer):
 
     ``page_bytes`` (default 1 MiB) is the unit moved between tiers; ``budget_bytes`` must hold at
     least one page. ``page_dir`` is where the CPU tier's page file goes (default: the system's
-    temporary folder). The page file is removed by :meth:`close`, when the optimizer is garbage
-    collected, and when a step fails (the optimizer is then closed: its state is half-updated).
+    temporary folder). On POSIX systems the file is unlinked as soon as it is memory-mapped: its
+    pages stay on disk, reachable only through the mapping, until :meth:`close` releases it, so not
+    even a killed process leaves it behind. Elsewhere it is removed by :meth:`close`, when the
+    optimizer is garbage collected, and when a step fails (the optimizer is then closed: its state is
+    half-updated).
     """
 
     def __init__(
@@ -132,6 +135,8 @@ class PagedOptimizer(torch.optim.Optimizer):
             os.ftruncate(fd, max(1, n_pages * page_bytes))
             os.close(fd)
             self._slow = torch.from_file(self.path, shared=True, size=n_pages * page_bytes, dtype=torch.uint8)
+            if os.name == "posix":  # the mapping keeps the file's pages; its name can go now, so that even a
+                self._finalizer()  # killed process (SIGKILL, out of memory) leaves no page file behind
         self._resident: OrderedDict[int, torch.Tensor] = OrderedDict()  # page -> frame, LRU first
         self.closed = False
         self.bytes_in = self.bytes_out = 0
