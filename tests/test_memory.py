@@ -184,6 +184,65 @@ def test_estimator_matches_ledger_on_smollm2(smollm2, method):
     assert within(est.activations, ledger.activations, 0.15)
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+@pytest.mark.parametrize("targets", [LLAMA_PROJECTIONS, ("q_proj", "v_proj"), ("k_proj", "down_proj")])
+def test_estimator_counts_float32_adapters_on_a_bfloat16_model(method, targets):
+    """lorakit (as peft) keeps adapters in float32 on a bf16 base: the default ``adapter_dtype`` counts them so.
+
+    Before the argument existed the estimate counted 16-bit adapters and fell ~29% short of notebook 06's bf16 step.
+    """
+    from lorakit import add_lora, quantize_model
+
+    model = tiny_llama().to(torch.bfloat16)
+    if method == "qlora":
+        quantize_model(model)
+    add_lora(model, list(targets), r=4, alpha=8)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ledger = memory_ledger(model, lm_batch(2, 32), torch.optim.AdamW(trainable, lr=1e-3))
+    kw = dict(dtype="bfloat16", rank=4, targets=targets, batch_size=2, seq_len=32)
+    est = estimate_memory(model.config, method, **kw)
+    assert est.settings["adapter_dtype"] == "float32"
+    if method == "lora":  # (a tiny 4-bit model is mostly per-layer code tables: its weights say nothing here)
+        assert within(est.weight_bytes, ledger.weight_bytes, 0.05)
+    assert est.gradients == ledger.gradients  # float32: 4 bytes per adapter parameter, exactly
+    assert within(est.optimizer_state, ledger.optimizer_state, 0.05)
+    assert within(est.activations, ledger.activations, 0.15)
+    sixteen = estimate_memory(model.config, method, adapter_dtype="bfloat16", **kw)  # the old count
+    assert sixteen.gradients * 2 == ledger.gradients
+    assert sixteen.activations < est.activations
+
+
+def test_estimator_matches_a_bfloat16_qlora_step_of_smollm2(smollm2):
+    """Notebook 06's step (QLoRA on all projections, r=8, bf16 compute, float32 adapters): the total within 5%."""
+    from lorakit import add_lora, quantize_model
+
+    model, _ = smollm2
+    model = add_lora(quantize_model(copy.deepcopy(model).to(torch.bfloat16)), list(LLAMA_PROJECTIONS), r=8, alpha=16)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    batch = lm_batch(2, 64, vocab=model.config.vocab_size)
+    ledger = memory_ledger(model, batch, torch.optim.AdamW(trainable, lr=0.0))
+    est = estimate_memory(model.config, "qlora", dtype="bfloat16", rank=8, batch_size=2, seq_len=64)
+    assert within(est.total, ledger.total, 0.05), (est.total, ledger.total)
+    assert est.gradients == ledger.gradients
+    assert within(est.activations, ledger.activations, 0.05)
+
+
+def test_adapter_dtype_changes_only_what_trains():
+    f32 = estimate_memory("7B", "qlora", dtype="bfloat16")
+    b16 = estimate_memory("7B", "qlora", dtype="bfloat16", adapter_dtype="bfloat16")
+    assert f32.weights["LoRA adapters"] == 2 * b16.weights["LoRA adapters"] == 4 * f32.trainable_params
+    assert f32.gradients == 2 * b16.gradients
+    assert f32.optimizer_state == b16.optimizer_state  # AdamW's moments are float32 either way
+    assert f32.weights["4-bit codes"] == b16.weights["4-bit codes"]
+    # a float32 model: the adapters are float32 whatever adapter_dtype says about a 16-bit one
+    assert estimate_memory("7B", "full", dtype="float32") == estimate_memory(
+        "7B", "full", dtype="float32", adapter_dtype="bfloat16"
+    )
+    with pytest.raises(ValueError, match="adapter_dtype"):
+        estimate_memory("7B", "qlora", adapter_dtype="int8")
+
+
 # -- the estimator's arithmetic ----------------------------------------------------------------
 
 
@@ -288,8 +347,10 @@ def test_qlora_figure6_footprints(size):
 
 
 def test_65b_qlora_fits_in_48gb_and_16bit_full_finetuning_needs_more_than_780gb():
-    fit = check_fit(48, model="65B", method="qlora", gradient_checkpointing=True)
+    fit = check_fit(48, model="65B", method="qlora", gradient_checkpointing=True, adapter_dtype="bfloat16")
     assert fit.fits, fit
+    # peft's float32 adapters with AdamW on the GPU: 3.2 GB more adapters and gradients, just over 48 GB
+    assert not check_fit(48, model="65B", method="qlora", gradient_checkpointing=True).fits
     full = estimate_memory("65B", "full", bits=16)
     assert full.total > 780e9
     assert not check_fit(80, model="65B", method="full", bits=16).fits
@@ -318,7 +379,9 @@ def test_calculator_widget_is_check_fit():
     )
     calc.controls["model"].value = "65B"  # observers call update()
     assert calc.result is not None and not calc.result.fits
-    calc.controls["gpu_gb"].value = 48
+    calc.controls["gpu_gb"].value = 48  # float32 adapters (peft's default) and AdamW on the GPU: just over 48 GB
+    assert calc.result.fits == check_fit(48, model="65B", gradient_checkpointing=True).fits is False
+    calc.controls["gpu_gb"].value = 52
     assert calc.result.fits
     calc.controls["method"].value = "full"  # full with 4 bits is impossible: the error is shown
     assert calc.result is None and "bits=4" in calc.error

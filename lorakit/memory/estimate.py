@@ -166,10 +166,11 @@ class ModelShape:
 
 # QLoRA (Dettmers et al. 2023), Figure 6, "Breakdown of the memory footprint of different LLaMA
 # models": the numbers on the bars, MB. The caption: batch size 1, sequence length 512; the paper
-# trains LoRA r=64 on every linear layer, BF16 adapters, gradient checkpointing and a *paged*
-# optimizer. The paper does not spell out its accounting; QLORA_PAPER_SETTING is our reading
-# (optimizer state paged out to CPU memory, so not on the GPU), and it reproduces all four
-# within 5% (tests/test_memory.py). The 4-bit base weights alone are smaller (3.9 GB for 7B).
+# trains LoRA r=64 on every linear layer, BF16 adapters (its qlora.py casts the LoRA modules to
+# bf16, unlike peft's float32 default), gradient checkpointing and a *paged* optimizer. The paper
+# does not spell out its accounting; QLORA_PAPER_SETTING is our reading (optimizer state paged out
+# to CPU memory, so not on the GPU), and it reproduces all four totals within 5% (tests/test_memory.py).
+# The 4-bit base weights alone are smaller (3.9 GB for 7B).
 QLORA_PAPER_FIGURE6_MB = {"7B": 5046, "13B": 8476, "33B": 19302, "65B": 37074}
 QLORA_PAPER_SETTING = dict(
     bits=4,
@@ -180,6 +181,7 @@ QLORA_PAPER_SETTING = dict(
     gradient_checkpointing=True,
     optimizer="paged_adamw",
     dtype="bfloat16",
+    adapter_dtype="bfloat16",
 )
 
 # The real LLaMA-1 shapes (Touvron et al. 2023, Table 2; the released config.json files).
@@ -242,6 +244,7 @@ def activation_bytes(
     rank: int = 64,
     targets="all",
     gradient_checkpointing: bool = False,
+    adapter_bytes: int | None = None,
 ) -> int:
     """Bytes autograd saves for backward in one step of a Llama decoder (transformers, SDPA attention).
 
@@ -255,6 +258,10 @@ def activation_bytes(
     * LoRA (frozen base): a frozen linear saves nothing; a norm with a frozen weight saves only its
       input; a targeted linear saves its input (once per block) and ``A x`` (r). Layer 0's input
       comes from a frozen embedding and is not saved.
+    * adapters in another dtype than the compute dtype (``adapter_bytes`` != ``dtype_bytes``: float32
+      adapters on a bf16 model, lorakit's and peft's default): each targeted linear casts its input to
+      the adapter's dtype and saves that copy, one per target (q, k and v each keep their own), and
+      ``A x`` is saved in the adapter's dtype; the compute-dtype inputs are then saved by nobody.
     * both end with the final norm and the loss: log-softmax saves fp32 logits (vocab per token).
 
     With gradient checkpointing (one checkpoint per decoder block) only each block's input is kept,
@@ -263,6 +270,7 @@ def activation_bytes(
     if method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {METHODS}")
     b, h, kv, i, a = dtype_bytes, shape.hidden_size, shape.kv_size, shape.intermediate_size, shape.num_heads
+    ab = b if adapter_bytes is None else adapter_bytes
     tokens = batch_size * seq_len
     x_fp32 = 4  # RMSNorm upcasts its input to fp32 and saves that copy, whatever the compute dtype
     attention = (2 * h + 2 * kv) * b + 4 * a  # q, k, v, output; fp32 log-sum-exp per head
@@ -274,9 +282,13 @@ def activation_bytes(
     else:
         t = _resolve_targets(targets)
         norms = 2 * (h * x_fp32 + 4)
-        lin_inputs = (any(n in t for n in ATTENTION_PROJECTIONS) + any(n in t for n in MLP_PROJECTIONS)) * h * b
-        mlp = 3 * i * b + ("down_proj" in t) * i * b
-        block = norms + lin_inputs + attention + mlp + len(t) * rank * b
+        if ab == b:  # the LoRA path reads the layer's own input: one saved copy per block for q, k, v (and gate, up)
+            lin_inputs = (any(n in t for n in ATTENTION_PROJECTIONS) + any(n in t for n in MLP_PROJECTIONS)) * h * b
+            lin_inputs += ("down_proj" in t) * i * b
+        else:  # x.to(adapter dtype) makes a new tensor in every targeted layer, and that copy is what is saved
+            lin_inputs = sum(shape.linear_shapes()[n][1] for n in t) * ab
+        mlp = 3 * i * b
+        block = norms + lin_inputs + attention + mlp + len(t) * rank * ab
         first_block = block - h * x_fp32 - 4  # layer 0's input comes from the frozen embedding
         final = h * x_fp32 + 4
     final += shape.vocab_size * 4  # log-softmax output, fp32
@@ -330,17 +342,23 @@ def estimate_memory(
     dtype: str = "bfloat16",
     blocksize: int = 64,
     double_quant: bool = True,
+    adapter_dtype: str = "float32",
 ) -> MemoryEstimate:
     """Estimate the memory of one training step from shapes alone.
 
     * ``model``: ``"65B"``, ``"350M"``, a parameter count, a transformers config or model.
     * ``method``: ``"full"`` (every weight trained), ``"lora"`` (frozen base in ``dtype``, adapters),
-      ``"qlora"`` (frozen base quantized to ``bits``, adapters in ``dtype``; QLoRA §3).
+      ``"qlora"`` (frozen base quantized to ``bits``, adapters in ``adapter_dtype``; QLoRA §3).
     * ``bits``: storage bits of the base weights: 2, 3, 4 or 8 for qlora (default 4; the k-bit codes are
       packed back to back, as ``lorakit.quantize_model`` stores them), 16 or 32 for full
       and lora (default: the bits of ``dtype``, which it then sets).
     * ``rank``, ``targets`` (``"all"`` linear layers of the blocks, or names such as
       ``("q_proj", "v_proj")``): the adapters.
+    * ``adapter_dtype``: the dtype of the LoRA adapters, their gradients and the LoRA path's saved
+      inputs (``lora`` and ``qlora``). Default ``"float32"``: lorakit's ``add_lora`` and peft
+      (``autocast_adapter_dtype=True``) keep adapters in float32 on a bf16/fp16 base, because a
+      16-bit adapter's small updates round away (bf16 keeps 8 significant bits). The QLoRA paper's
+      script casts them to bf16 (``QLORA_PAPER_SETTING`` says so); with a float32 ``dtype`` both are float32.
     * ``optimizer``: ``"adamw"`` (fp32 moments), ``"adamw8bit"`` (8-bit blockwise moments),
       ``"paged_adamw"`` (fp32 moments paged out to CPU memory: reported apart, not in ``total``)
       or ``"sgd"``.
@@ -356,6 +374,8 @@ def estimate_memory(
         raise ValueError(f"optimizer {optimizer!r}: expected one of {tuple(STATE_BYTES_PER_PARAM)}")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype {dtype!r}: expected one of {tuple(DTYPE_BYTES)}")
+    if adapter_dtype not in DTYPE_BYTES:
+        raise ValueError(f"adapter_dtype {adapter_dtype!r}: expected one of {tuple(DTYPE_BYTES)}")
     for arg, value in (("batch_size", batch_size), ("seq_len", seq_len), ("rank", rank)):
         if not (isinstance(value, int) and value > 0):
             raise ValueError(f"{arg} must be a positive int, got {value!r}")
@@ -371,6 +391,7 @@ def estimate_memory(
             )
         dtype = "float32" if bits == 32 else ("bfloat16" if dtype == "float32" else dtype)
     b = DTYPE_BYTES[dtype]
+    ab = b if method == "full" else DTYPE_BYTES[adapter_dtype]  # bytes of a trainable parameter
 
     if method == "qlora":
         per_layer = sum(
@@ -388,14 +409,14 @@ def estimate_memory(
         trainable = shape.n_params
     else:
         trainable = lora_params(shape, rank, targets)
-        weights["LoRA adapters"] = trainable * b
+        weights["LoRA adapters"] = trainable * ab
     state = trainable * STATE_BYTES_PER_PARAM[optimizer]
     if optimizer == "adamw8bit":
         state += 2 * 4 * math.ceil(trainable / ADAM8BIT_BLOCKSIZE)  # fp32 absmax of m and of v
     paged = 0
     if optimizer == "paged_adamw":  # the pages live in CPU memory; under pressure none stay resident
         state, paged = 0, state
-    activations = activation_bytes(shape, batch_size, seq_len, method, b, rank, targets, gradient_checkpointing)
+    activations = activation_bytes(shape, batch_size, seq_len, method, b, rank, targets, gradient_checkpointing, ab)
     settings = dict(
         bits=bits,
         dtype=dtype,
@@ -405,8 +426,10 @@ def estimate_memory(
         gradient_checkpointing=gradient_checkpointing,
     )
     if method != "full":
-        settings.update(rank=rank, targets=targets if isinstance(targets, str) else ",".join(targets))
-    return MemoryEstimate(shape, method, weights, trainable * b, state, activations, trainable, paged, settings)
+        settings.update(
+            rank=rank, targets=targets if isinstance(targets, str) else ",".join(targets), adapter_dtype=adapter_dtype
+        )
+    return MemoryEstimate(shape, method, weights, trainable * ab, state, activations, trainable, paged, settings)
 
 
 # ----------------------------------------------------------------------------------------------
