@@ -5,7 +5,8 @@ same seed, and is scored by the workbook's one protocol (``lorakit.evaluation.he
 with its 95% bootstrap interval). The runs are grouped by the question they answer:
 
 - ``bits``: LoRA, DoRA, PiSSA and LoftQ on a 4-bit base, and QLoRA against LoftQ at 3 and 2 bits, each
-  with its perplexity *before* training too (how far the quantized start is from the model);
+  with its perplexity *before* training too (how far the quantized start is from the model); ``bits-all``:
+  QLoRA against LoftQ at the fewest bits with every linear layer adapted (LoftQ corrects only adapted layers);
 - ``rank``: r in ``ranks`` with LoRA's ``alpha / r`` and with rsLoRA's ``alpha / sqrt(r)`` (Kalajdzievski 2023);
 - ``targets``: q_proj and v_proj only against every linear layer (QLoRA §4: "all linear layers" matters most);
 - ``lr``: the learning rates in ``lrs``;
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from lorakit.data import split_documents, tokenize_blocks
 from lorakit.evaluation import HeldOut, Perplexity, compare_perplexity, heldout_perplexity
-from lorakit.linear4bit import quantize_model
+from lorakit.linear4bit import Linear4bit, quantize_model, set_module
 from lorakit.loftq import loftq_init
 from lorakit.lora import LLAMA_PROJECTIONS, add_lora
 from lorakit.memory import MB, memory_ledger
@@ -49,7 +50,7 @@ class RecipeConfig:
     r: int = 8
     alpha: float = 16
     targets: tuple[str, ...] = QV
-    eval_blocks: int = 8  # held-out blocks of 128 tokens (the protocol's 32 in --full)
+    eval_blocks: int = 4  # held-out blocks of 128 tokens (the protocol's 32 in --full): wide intervals
     train_blocks: int = 64
     bits: tuple[int, ...] = (4, 3, 2)
     ranks: tuple[int, ...] = (2, 8, 32)
@@ -145,19 +146,21 @@ class Study:
 
 
 # ---------------------------------------------------------------------------------------------- one run
-def build(base: torch.nn.Module, spec: RunSpec, loftq_iters: int = 1) -> torch.nn.Module:
+def build(base: torch.nn.Module, spec: RunSpec, loftq_iters: int = 1, quantized: dict | None = None) -> torch.nn.Module:
     """A copy of ``base`` with the spec's adapter, on a ``spec.bits``-bit NF base when set (QLoRA's NF-k, double quant).
 
     PiSSA and LoftQ start from the float weights, then quantize: PiSSA the residual (QPiSSA, PiSSA §4), LoftQ
-    its chosen Q (and the layers without LoRA the plain way).
+    its chosen Q; the layers without LoRA are quantized the plain way. ``quantized`` caches ``{bits: base
+    quantized}`` across runs, so each width is quantized once (the result is the same as quantizing again).
     """
-    model = copy.deepcopy(base)
+    quantized = {} if quantized is None else quantized
+    if spec.bits and spec.bits not in quantized:
+        quantized[spec.bits] = quantize_model(copy.deepcopy(base), "nf", bits=spec.bits)
     kwargs = dict(r=spec.r, alpha=spec.alpha, rslora=spec.rslora)
     if spec.method in ("lora", "dora"):
-        if spec.bits:
-            quantize_model(model, "nf", bits=spec.bits)
+        model = copy.deepcopy(quantized[spec.bits] if spec.bits else base)
         return add_lora(model, list(spec.targets), use_dora=spec.method == "dora", **kwargs)
-    add_lora(model, list(spec.targets), **kwargs)
+    model = add_lora(copy.deepcopy(base), list(spec.targets), **kwargs)
     if spec.method == "pissa":
         pissa_init(model)
     elif spec.method == "loftq":
@@ -167,13 +170,26 @@ def build(base: torch.nn.Module, spec: RunSpec, loftq_iters: int = 1) -> torch.n
     else:
         raise ValueError(f"method={spec.method!r} is not one of {METHODS}")
     if spec.bits:
-        quantize_model(model, "nf", bits=spec.bits)
+        modules = dict(model.named_modules())
+        for name, layer in quantized[spec.bits].named_modules():  # the layers without LoRA: as QLoRA's base
+            if isinstance(layer, Linear4bit) and isinstance(modules.get(name), torch.nn.Linear):
+                set_module(model, name, copy.deepcopy(layer))
+        if spec.method == "pissa":
+            quantize_model(model, "nf", bits=spec.bits)  # what is left: PiSSA's residual bases (QPiSSA)
     return model
 
 
-def run_one(base, spec: RunSpec, train_blocks, heldout, config: RecipeConfig, before: bool = False) -> Run:
+def run_one(
+    base,
+    spec: RunSpec,
+    train_blocks,
+    heldout,
+    config: RecipeConfig,
+    before: bool = False,
+    quantized: dict | None = None,
+) -> Run:
     """Build, (optionally) measure at step 0, train ``config.steps`` steps, measure on the held-out blocks."""
-    model = build(base, spec, config.loftq_iters)
+    model = build(base, spec, config.loftq_iters, quantized)
     start = heldout_perplexity(model, blocks=heldout) if before else None
     settings = TrainConfig(
         steps=config.steps, lr=spec.lr, batch_size=config.batch_size, warmup_steps=1, seed=config.seed, progress=False
@@ -190,7 +206,10 @@ def specs(config: RecipeConfig) -> list[tuple[RunSpec, bool]]:
     out = []
     for bits in config.bits:  # the 4-bit row holds every method; the others QLoRA against LoftQ
         for method in METHODS if bits == max(config.bits) else ("lora", "loftq"):
-            out.append((RunSpec("bits", method, bits, **plain), True))
+            out.append((RunSpec("bits", method, bits, **plain), method != "dora"))  # DoRA starts as LoRA does
+    for method in ("lora", "loftq"):  # LoftQ corrects only the layers it adapts: at the fewest bits, adapt them all
+        every = {**plain, "targets": tuple(LLAMA_PROJECTIONS)}
+        out.append((RunSpec("bits-all", method, min(config.bits), **every), True))
     for r in config.ranks:
         for rslora in (False, True):
             out.append(
@@ -206,7 +225,7 @@ def specs(config: RecipeConfig) -> list[tuple[RunSpec, bool]]:
 def measure_checkpointing(base, config: RecipeConfig, blocks: torch.Tensor, repeats: int = 3) -> Checkpointing:
     """Saved activations (``lorakit.memory.memory_ledger``) and the median step time, checkpointing off then on."""
     model = add_lora(copy.deepcopy(base), list(config.targets), r=config.r, alpha=config.alpha)
-    batch = {"input_ids": blocks, "labels": blocks}
+    batch = {"input_ids": blocks, "labels": blocks, "use_cache": False}  # no KV cache to keep while training
     found = {}
     for on in (False, True):
         set_gradient_checkpointing(model, on)
@@ -234,8 +253,9 @@ def run_study(base, tokenizer, config: RecipeConfig = RecipeConfig(), progress: 
     train_blocks, heldout = data(tokenizer, config)
     study = Study(config)
     todo = specs(config)
+    quantized: dict[int, torch.nn.Module] = {}  # each width quantized once
     for spec, before in tqdm(todo, desc="recipe runs", disable=not progress):
-        study.runs.append(run_one(base, spec, train_blocks, heldout, config, before))
+        study.runs.append(run_one(base, spec, train_blocks, heldout, config, before, quantized))
     study.checkpointing = measure_checkpointing(base, config, train_blocks[: config.batch_size])
     return study
 
@@ -273,10 +293,23 @@ def what_to_choose(study: Study) -> list[Row]:
             "LoftQ: it starts much closer to the model" if helps else "plain QLoRA init: LoftQ's start is no better"
         )
         evidence = (
-            f"step 0: QLoRA {q.before.ppl:.1f}, LoftQ {lq.before.ppl:.1f} ({start.percent:+.0f}%); "
-            f"after {c.steps} steps: {q.after.ppl:.1f} vs {lq.after.ppl:.1f}, LoftQ {_change(q, lq)}"
+            f"step 0: QLoRA {q.before.ppl:.3g}, LoftQ {lq.before.ppl:.3g} ({start.percent:+.0f}%); "
+            f"after {c.steps} steps: {q.after.ppl:.3g} vs {lq.after.ppl:.3g}, LoftQ {_change(q, lq)}"
         )
-        rows.append(Row(f"Init at {bits} bits", choice, evidence, (q.name, lq.name)))
+        rows.append(Row(f"Init at {bits} bits (q,v adapted)", choice, evidence, (q.name, lq.name)))
+    low = min(c.bits)
+    q, lq = study.run("bits-all", method="lora", bits=low), study.run("bits-all", method="loftq", bits=low)
+    start = compare_perplexity(q.before, lq.before)
+    full = study.run("rank", r=c.r, rslora=False)  # 16-bit LoRA, same steps
+    rows.append(
+        Row(
+            f"Init at {low} bits, all linear layers adapted",
+            "LoftQ, on every layer" if start.significant and start.ratio < 1 else "neither: LoftQ's start is no better",
+            f"step 0: QLoRA {q.before.ppl:.3g}, LoftQ {lq.before.ppl:.3g} ({start.percent:+.0f}%); after {c.steps} "
+            f"steps: {q.after.ppl:.3g} vs {lq.after.ppl:.3g} (16-bit LoRA: {full.after.ppl:.3g})",
+            (q.name, lq.name, full.name),
+        )
+    )
     variants = [study.run("bits", method=m, bits=top) for m in METHODS]
     best = _best(variants)
     lora = variants[0]
@@ -346,6 +379,64 @@ def table_markdown(rows: list[Row]) -> str:
     lines = ["| question | choose | measured | runs |", "|---|---|---|---|"]
     lines += [f"| {r.question} | {r.choice} | {r.evidence} | {'; '.join(r.runs)} |" for r in rows]
     return "\n".join(lines)
+
+
+def plot_study(study: Study):
+    """Six panels: init and result by bit width, the variants, the rank sweep, layers, learning rate, checkpointing.
+
+    Every point is a held-out perplexity with its 95% bootstrap interval (the error bars).
+    """
+    import matplotlib.pyplot as plt
+
+    c = study.config
+
+    def bars(ax, x, perplexities, **kwargs):
+        y = [p.ppl for p in perplexities]
+        err = [[p.ppl - p.low for p in perplexities], [p.high - p.ppl for p in perplexities]]
+        ax.errorbar(x, y, yerr=err, capsize=3, marker="o", **kwargs)
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    ax = axes[0, 0]
+    for method, color in (("lora", "tab:blue"), ("loftq", "tab:red")):
+        runs = [study.run("bits", method=method, bits=b) for b in c.bits]
+        label = "QLoRA" if method == "lora" else "LoftQ"
+        bars(ax, c.bits, [r.before for r in runs], color=color, linestyle=":", label=f"{label}, step 0")
+        bars(ax, c.bits, [r.after for r in runs], color=color, label=f"{label}, after {c.steps} steps")
+        every = study.run("bits-all", method=method, bits=min(c.bits))
+        ax.errorbar([min(c.bits) + 0.1], [every.after.ppl], marker="s", color=color, label=f"{label}, all linear")
+    ax.set(xlabel="bits of the frozen base (NF-k)", ylabel="held-out perplexity", yscale="log", xticks=c.bits)
+    ax.set_title("Where LoftQ helps: the start at few bits")
+    ax.legend(fontsize=8)
+    ax = axes[0, 1]
+    top = max(c.bits)
+    runs = [study.run("bits", method=m, bits=top) for m in METHODS]
+    bars(ax, range(len(runs)), [r.after for r in runs], linestyle="none", color="tab:green")
+    ax.set_xticks(range(len(runs)), [r.spec.method for r in runs])
+    ax.set(ylabel="held-out perplexity", title=f"Variants on a {top}-bit base, {c.steps} steps")
+    ax = axes[0, 2]
+    for rslora, color in ((False, "tab:blue"), (True, "tab:orange")):
+        runs = [study.run("rank", r=r, rslora=rslora) for r in c.ranks]
+        bars(ax, c.ranks, [r.after for r in runs], color=color, label="rsLoRA: alpha/sqrt(r)" if rslora else "alpha/r")
+    ax.set(xlabel="rank r", ylabel="held-out perplexity", xscale="log", title=f"Rank sweep, alpha={c.alpha:g}")
+    ax.set_xticks(c.ranks, [str(r) for r in c.ranks])
+    ax.legend(fontsize=8)
+    ax = axes[1, 0]
+    runs = [study.run("rank", r=c.r, rslora=False), study.run("targets")]
+    bars(ax, [0, 1], [r.after for r in runs], linestyle="none", color="tab:purple")
+    ax.set_xticks([0, 1], [f"q,v\n{runs[0].trainable:,} params", f"all linear\n{runs[1].trainable:,} params"])
+    ax.set(ylabel="held-out perplexity", title="Which layers (QLoRA §4)")
+    ax = axes[1, 1]
+    runs = sorted([runs[0], *(r for r in study.runs if r.spec.group == "lr")], key=lambda r: r.spec.lr)
+    bars(ax, [r.spec.lr for r in runs], [r.after for r in runs], color="tab:brown")
+    ax.set(xlabel="learning rate", ylabel="held-out perplexity", xscale="log", yscale="log", title="Learning rate")
+    ax = axes[1, 2]
+    ck = study.checkpointing
+    if ck is not None:
+        ax.bar([0, 1], [ck.activations_off / MB, ck.activations_on / MB], color=["tab:gray", "tab:cyan"])
+        ax.set_xticks([0, 1], [f"off\n{ck.seconds_off:.2f} s/step", f"on\n{ck.seconds_on:.2f} s/step"])
+        ax.set(ylabel="saved activations (MB)", title=f"Gradient checkpointing, batch {ck.batch[0]} x {ck.batch[1]}")
+    fig.tight_layout()
+    return fig
 
 
 def main(argv: list[str] | None = None) -> None:

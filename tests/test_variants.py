@@ -358,3 +358,32 @@ def test_check_loftq_step():
         check_loftq_step(loftq_no_scaling)
     with pytest.raises(AssertionError, match="r=4, 4 bits: you took the SVD of W"):
         check_loftq_step(loftq_svd_of_w)
+
+
+# ---------------------------------------------------------------- the recipe study (on a tiny model)
+def test_recipe_study_runs_and_every_row_cites_its_runs():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from transformers import AutoTokenizer
+
+    from lorakit.assets import require
+    from lorakit.recipe import RecipeConfig, plot_study, run_study, table_markdown, what_to_choose
+
+    tokenizer = AutoTokenizer.from_pretrained(str(require("smollm2-135m-instruct")))
+    base = tiny_llama(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, max_position_embeddings=128)
+    config = RecipeConfig(
+        steps=1, seq_len=16, eval_blocks=2, train_blocks=8, bits=(4, 2), ranks=(2, 4), lrs=(1e-3, 1e-2), r=4
+    )
+    study = run_study(base, tokenizer, config, progress=False)
+    names = study.names()
+    assert len(names) == len(set(names)) == 6 + 2 + 4 + 1 + 1  # bits, bits-all, ranks x scalings, targets, lr
+    assert all(r.before is not None for r in study.runs if r.spec.group.startswith("bits") and r.spec.method != "dora")
+    rows = what_to_choose(study)
+    for row in rows:
+        assert row.runs and all(name in names or name == "checkpointing" for name in row.runs), row
+    assert table_markdown(rows).count("\n") == len(rows) + 1
+    assert study.checkpointing.activations_on < study.checkpointing.activations_off
+    assert len(plot_study(study).axes) == 6
+    with pytest.raises(KeyError, match="0 runs of group 'bits' match"):
+        study.run("bits", method="loftq", bits=3)
