@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -190,14 +191,19 @@ def run_one(
 ) -> Run:
     """Build, (optionally) measure at step 0, train ``config.steps`` steps, measure on the held-out blocks."""
     model = build(base, spec, config.loftq_iters, quantized)
-    start = heldout_perplexity(model, blocks=heldout) if before else None
+    start = _measure(model, heldout) if before else None
     settings = TrainConfig(
         steps=config.steps, lr=spec.lr, batch_size=config.batch_size, warmup_steps=1, seed=config.seed, progress=False
     )
     result = train(model, train_blocks, config=settings)
-    after = heldout_perplexity(model, blocks=heldout)
+    after = _measure(model, heldout)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return Run(spec, start, after, result.losses, result.seconds, trainable)
+
+
+def _measure(model, heldout: torch.Tensor) -> Perplexity:
+    """``heldout_perplexity`` on the blocks ``data`` took from ``HeldOut`` (tokenized once), labelled as such."""
+    return dataclasses.replace(heldout_perplexity(model, blocks=heldout), heldout=str(HeldOut()))
 
 
 def specs(config: RecipeConfig) -> list[tuple[RunSpec, bool]]:
@@ -273,7 +279,7 @@ def _change(a: Run, b: Run) -> str:
     """b against a: the perplexity change with its paired interval, and whether it is outside the noise."""
     change = compare_perplexity(a.after, b.after)
     noise = "outside the noise" if change.significant else "within the noise"
-    return f"{change.percent:+.1f}% ({100 * (change.low - 1):+.0f}% to {100 * (change.high - 1):+.0f}%, {noise})"
+    return f"{change.percent:+.1f}% ({100 * (change.low - 1):+.1f}% to {100 * (change.high - 1):+.1f}%, {noise})"
 
 
 def _best(runs: list[Run]) -> Run:
@@ -305,7 +311,7 @@ def what_to_choose(study: Study) -> list[Row]:
         Row(
             f"Init at {low} bits, all linear layers adapted",
             "LoftQ, on every layer" if start.significant and start.ratio < 1 else "neither: LoftQ's start is no better",
-            f"step 0: QLoRA {q.before.ppl:.3g}, LoftQ {lq.before.ppl:.3g} ({start.percent:+.0f}%); after {c.steps} "
+            f"step 0: QLoRA {q.before.ppl:.3g}, LoftQ {lq.before.ppl:.3g} (x{start.ratio:.2g}); after {c.steps} "
             f"steps: {q.after.ppl:.3g} vs {lq.after.ppl:.3g} (16-bit LoRA: {full.after.ppl:.3g})",
             (q.name, lq.name, full.name),
         )
