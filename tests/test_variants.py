@@ -206,6 +206,26 @@ def test_loftq_equals_peft_given_the_same_quantizer(iters):
     assert len(errors) == iters + 1 and errors[-1] < errors[0]  # LoftQ starts closer to W than QLoRA
 
 
+def test_loftq_init_equals_peft_loftq_config_on_a_model(tiny, monkeypatch):
+    """peft's whole path, ``LoraConfig(init_lora_weights="loftq", loftq_config=LoftQConfig(...))``, against
+    ``loftq_init`` on the same tiny model (alpha = r, see lorakit.loftq; peft's loftq_init run on the CPU)."""
+    from peft import LoftQConfig
+
+    monkeypatch.setattr("peft.tuners.lora.layer.loftq_init", peft_loftq_init())
+    ours = add_lora(copy.deepcopy(tiny), TARGETS, r=4, alpha=4)
+    loftq_init(ours, bits=4, iters=2, double_quant=False)
+    theirs = peft_model(
+        tiny, TARGETS, r=4, alpha=4, init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=2)
+    )
+    layers = peft_layers(theirs)
+    for name, layer in lora_layers(ours).items():
+        target = layers[name]
+        assert torch.equal(layer.base_layer.dequantize(), target.base_layer.weight), name  # the same Q
+        A, B = target.lora_A["default"].weight, target.lora_B["default"].weight
+        assert torch.equal(layer.lora_A, aligned(layer.lora_A, A, dim=1)), name
+        assert torch.equal(layer.lora_B, aligned(layer.lora_B.T, B.T, dim=1).T), name
+
+
 def test_loftq_model_starts_closer_than_qlora_and_any_alpha_works(tiny):
     batch = tiny_inputs(tiny)
     with torch.no_grad():
