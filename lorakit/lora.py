@@ -12,6 +12,10 @@ The layer follows peft's ``tuners/lora/layer.py`` (``Linear.forward``, ``get_del
 and adapters are saved in peft's on-disk format (``adapter_config.json`` + ``adapter_model.safetensors``).
 Besides ``nn.Linear`` it wraps GPT-2's ``Conv1D`` (a Linear whose weight is stored transposed,
 ``(d_in, d_out)``: peft's ``fan_in_fan_out``) and lorakit's ``Linear4bit`` (QLoRA).
+
+The variants live beside it, one module each, and leave this layer plain: ``lorakit.dora`` (``DoRALinear``,
+a subclass that adds a magnitude; ``add_lora(..., use_dora=True)``), ``lorakit.pissa`` and ``lorakit.loftq``
+(other starting points for A, B and W0), ``lorakit.loraplus`` (optimizer groups); rsLoRA is the ``rslora`` flag.
 """
 
 from __future__ import annotations
