@@ -296,7 +296,7 @@ def what_to_choose(study: Study) -> list[Row]:
         start = compare_perplexity(q.before, lq.before)
         helps = start.significant and start.ratio < 1
         choice = (
-            "LoftQ: it starts much closer to the model" if helps else "plain QLoRA init: LoftQ's start is no better"
+            f"LoftQ ({start.percent:+.0f}% at step 0)" if helps else "either: LoftQ's start is not measurably better"
         )
         evidence = (
             f"step 0: QLoRA {q.before.ppl:.3g}, LoftQ {lq.before.ppl:.3g} ({start.percent:+.0f}%); "

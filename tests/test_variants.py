@@ -99,6 +99,20 @@ def test_dora_outputs_and_gradients_equal_peft(tiny):
         assert torch.equal(layer.magnitude.grad, target.lora_magnitude_vector["default"].weight.grad), name
 
 
+def test_dora_with_dropout_in_train_mode_equals_peft(tiny):
+    ours = add_lora(copy.deepcopy(tiny), TARGETS, r=4, alpha=8, use_dora=True, dropout=0.2)
+    theirs = peft_model(tiny, TARGETS, r=4, alpha=8, use_dora=True, lora_dropout=0.2)
+    perturb_dora(ours, theirs)
+    ours.train()
+    theirs.train()
+    batch = tiny_inputs(tiny)
+    torch.manual_seed(3)
+    a = ours(**batch)
+    torch.manual_seed(3)
+    b = theirs(**batch)
+    assert torch.equal(a.logits, b.logits)  # the same masks: one dropout call per layer, in the same order
+
+
 def test_dora_merged_weights_equal_peft_and_unmerge_restores(tiny):
     ours, theirs = dora_pair(tiny)
     perturb_dora(ours, theirs)
@@ -407,3 +421,20 @@ def test_recipe_study_runs_and_every_row_cites_its_runs():
     assert len(plot_study(study).axes) == 6
     with pytest.raises(KeyError, match="0 runs of group 'bits' match"):
         study.run("bits", method="loftq", bits=3)
+
+
+def test_dora_on_gpt2_conv1d_equals_peft():
+    """GPT-2's Conv1D stores W0 as (d_in, d_out): the magnitude is still one per output, the merge scales columns."""
+    from tiny_models import tiny_gpt2
+
+    gpt2 = tiny_gpt2()
+    ours = add_lora(copy.deepcopy(gpt2), ["c_attn", "c_fc"], r=4, alpha=8, use_dora=True)
+    theirs = peft_model(gpt2, ["c_attn", "c_fc"], r=4, alpha=8, use_dora=True, fan_in_fan_out=True)
+    perturb_dora(ours, theirs)
+    batch = tiny_inputs(gpt2)
+    with torch.no_grad():
+        assert torch.equal(ours(**batch).logits, theirs(**batch).logits)
+    merge_lora(ours)
+    merged = theirs.merge_and_unload()
+    for name, layer in lora_layers(ours).items():
+        assert torch.equal(layer.base_layer.weight, merged.get_submodule(name).weight), name
