@@ -302,7 +302,7 @@ def test_loraplus_refuses_bad_rates(tiny):
 
 # ---------------------------------------------------------------- SmolLM2 (slow)
 def test_variants_equal_peft_on_smollm2(smollm2):
-    """DoRA's logits, PiSSA's init and LoftQ's init on the real model's weights, against peft."""
+    """DoRA's logits, LoRA+'s groups, PiSSA's init and LoftQ's init on the real model's weights, against peft."""
     model, _ = smollm2
     ids = torch.arange(100, 116).view(1, 16)  # (B, T)
     ours = add_lora(copy.deepcopy(model), ["q_proj", "v_proj"], r=8, alpha=16, use_dora=True)
@@ -310,6 +310,13 @@ def test_variants_equal_peft_on_smollm2(smollm2):
     perturb_dora(ours, theirs)
     with torch.no_grad():
         assert torch.equal(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    from peft.optimizers import create_loraplus_optimizer as peft_loraplus
+
+    mine = create_loraplus_optimizer(ours, torch.optim.AdamW, lr=1e-4, ratio=16).param_groups
+    ref = [
+        g for g in peft_loraplus(theirs, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio=16).param_groups if g["params"]
+    ]
+    assert [(g["lr"], len(g["params"])) for g in mine] == [(g["lr"], len(g["params"])) for g in ref]
     del ours, theirs
     weight = model.model.layers[0].self_attn.q_proj.weight.detach()  # (576, 576)
     from peft import LoraConfig
