@@ -57,7 +57,7 @@ class DoRALinear(LoRALinear):
         """``B A``: ``(d_out, d_in)``. Computed as peft's ``get_lora_weight``, by pushing the identity through
         A then B, so the rounding is the forward pass's own."""
         eye = torch.eye(self.lora_A.shape[1], dtype=self.lora_A.dtype, device=self.lora_A.device)  # (d_in, d_in)
-        return F.linear(F.linear(eye, self.lora_A), self.lora_B).T  # ((d_in, d_out)).T
+        return F.linear(F.linear(eye, self.lora_A), self.lora_B).T  # (d_in, d_out), transposed
 
     def weight_norm(self, w0: torch.Tensor, lora_weight: torch.Tensor | None = None) -> torch.Tensor:
         """``n = ||W0 + s B A||_c``: ``(d_out,)``, detached (DoRA §4.3)."""
