@@ -4,6 +4,8 @@ A folder holds ``adapter_config.json`` (a ``peft.LoraConfig``) and ``adapter_mod
 with one ``lora_A`` and one ``lora_B`` tensor per wrapped module, named as peft's
 ``get_peft_model_state_dict`` names them: ``base_model.model.<module name>.lora_A.weight``
 (``PeftModel.base_model`` is the ``LoraModel``, whose ``.model`` is the wrapped model).
+A DoRA adapter (``use_dora: true``) also holds each layer's magnitude vector, which peft names
+``base_model.model.<module name>.lora_magnitude_vector`` (no ``.weight``).
 """
 
 from __future__ import annotations
@@ -16,15 +18,21 @@ import torch
 from torch import nn
 
 from lorakit._io import atomic_write, atomic_write_text
-from lorakit.lora import ALL_LINEAR, add_lora, lora_layers
+from lorakit.dora import DoRALinear
+from lorakit.lora import ALL_LINEAR, LoRALinear, add_lora, lora_layers
+
+
+def _is_dora(layer: LoRALinear) -> bool:
+    return isinstance(layer, DoRALinear)
+
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (the wrapped model)
+MAGNITUDE = "lora_magnitude_vector"  # peft's name for DoRA's m (saved without ".weight")
 
-# LoraConfig fields whose non-default values mean a LoRA variant lorakit does not implement.
+# LoraConfig fields whose non-default values mean a LoRA variant lorakit does not implement (use_dora it does).
 UNSUPPORTED = {
-    "use_dora": False,
     "bias": "none",
     "lora_bias": False,
     "rank_pattern": {},
@@ -46,10 +54,12 @@ def adapter_config(model: nn.Module) -> dict:
         raise ValueError(f"{type(model).__name__} has no LoRA layers to save; call add_lora(model, targets) first")
     first = next(iter(layers.values()))
     for name, layer in layers.items():
-        if (layer.r, layer.alpha, layer.rslora) != (first.r, first.alpha, first.rslora):
+        setting = (layer.r, layer.alpha, layer.rslora, _is_dora(layer))
+        if setting != (first.r, first.alpha, first.rslora, _is_dora(first)):
             raise ValueError(
                 f"LoRA layer {name!r} has r={layer.r}, alpha={layer.alpha}, rslora={layer.rslora}, "
-                f"unlike the others (r={first.r}, alpha={first.alpha}); one adapter holds one setting"
+                f"dora={_is_dora(layer)}, unlike the others (r={first.r}, alpha={first.alpha}, "
+                f"dora={_is_dora(first)}); one adapter holds one setting"
             )
     # Targets: the short names (q_proj, ...) when they pick exactly the wrapped layers, else full names.
     short = sorted({n.rsplit(".", 1)[-1] for n in layers})
@@ -71,6 +81,7 @@ def adapter_config(model: nn.Module) -> dict:
         "target_modules": targets,
         "init_lora_weights": True,
         "fan_in_fan_out": fan_in_fan_out,
+        "use_dora": _is_dora(first),
         **UNSUPPORTED,
     }
 
@@ -94,6 +105,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     for name, layer in lora_layers(model).items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()  # (r, d_in)
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()  # (d_out, r)
+        if _is_dora(layer):
+            tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = layer.magnitude.detach().cpu().contiguous()  # (d_out,)
     atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
@@ -134,7 +147,8 @@ def _check_config(config: dict, folder: str) -> None:
         value = config.get(key, default)
         if value != default and not (value in empty and default in empty):
             raise ValueError(
-                f"adapter {folder!r} sets {key}={config[key]!r}; lorakit implements plain LoRA only ({key}={default!r})"
+                f"adapter {folder!r} sets {key}={config[key]!r}; "
+                f"lorakit implements plain LoRA and DoRA only ({key}={default!r})"
             )
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in config:
@@ -147,6 +161,8 @@ def _check_config(config: dict, folder: str) -> None:
 
 
 def _split_key(key: str, folder: str) -> tuple[str, str]:
+    if key.startswith(PREFIX) and key.endswith(f".{MAGNITUDE}"):
+        return key[len(PREFIX) : -len(MAGNITUDE) - 1], MAGNITUDE
     for part in ("lora_A", "lora_B"):
         suffix = f".{part}.weight"
         if key.startswith(PREFIX) and key.endswith(suffix):
@@ -160,14 +176,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a LoRA adapter (lorakit's or peft's) into ``model``; returns the model.
 
     A model without LoRA layers first gets them from the adapter's config (``add_lora`` with its
-    ``target_modules``, ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``). Every tensor
+    ``target_modules``, ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``use_dora``). Every tensor
     must fit: same modules, same shapes, same rank. ``fan_in_fan_out`` needs no reading: each LoRA
     layer knows from its base layer (GPT-2's ``Conv1D``) whether its weight is stored transposed.
     """
     folder = str(path)
     config, tensors = read_adapter(path)
     _check_config(config, folder)
-    r, alpha = config["r"], config["lora_alpha"]
+    r, alpha, dora = config["r"], config["lora_alpha"], bool(config.get("use_dora", False))
     if not lora_layers(model):
         add_lora(
             model,
@@ -176,11 +192,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             alpha=alpha,
             dropout=config.get("lora_dropout", 0.0),
             rslora=config.get("use_rslora", False),
+            use_dora=dora,
         )
     layers = lora_layers(model)
     for name, layer in layers.items():
         if layer.merged:
             raise RuntimeError(f"load_adapter: LoRA layer {name!r} is merged; call unmerge_lora(model) before loading")
+        if _is_dora(layer) != dora:
+            kinds = {True: "DoRA (use_dora=True)", False: "plain LoRA"}
+            raise ValueError(
+                f"adapter {folder!r} is a {kinds[dora]} adapter, but the model's layer {name!r} is "
+                f"{kinds[_is_dora(layer)]}; a DoRA adapter needs its magnitude vectors and DoRA's forward. "
+                "Load it into a model without LoRA layers (load_adapter adds the right kind)"
+            )
         if (layer.r, layer.alpha, layer.rslora) != (r, alpha, config.get("use_rslora", False)):
             raise ValueError(
                 f"adapter {folder!r} has r={r}, lora_alpha={alpha}, but the model's LoRA layer {name!r} "
@@ -209,10 +233,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         )
     for name, layer in layers.items():  # in the model's module order
         parts = found[name]
-        for part in ("lora_A", "lora_B"):
+        for part in ("lora_A", "lora_B", MAGNITUDE) if dora else ("lora_A", "lora_B"):
             if part not in parts:
                 raise ValueError(f"adapter {folder!r} has no {part} tensor for {name!r}")
-            param = getattr(layer, part)
+            param = layer.magnitude if part == MAGNITUDE else getattr(layer, part)
             if parts[part].shape != param.shape:
                 raise ValueError(
                     f"adapter {folder!r}: {name}.{part} has shape {tuple(parts[part].shape)}, but the model expects "
@@ -223,4 +247,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         for name, parts in found.items():
             layers[name].lora_A.copy_(parts["lora_A"])
             layers[name].lora_B.copy_(parts["lora_B"])
+            if dora:
+                layers[name].magnitude.copy_(parts[MAGNITUDE])
     return model

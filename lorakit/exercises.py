@@ -550,3 +550,96 @@ def check_bits_per_weight(fn: Callable[[int, int, int], float]) -> str:
             )
             raise AssertionError(f"{case}: expected {want:.4f} bits per weight, got {got!r}; {hint}")
     return f"correct: {quantized_bits_per_param(4, 128):.4f} bits per weight with blocks of 128"
+# --- notebook 09: beyond LoRA ---
+
+
+def _dora_case(d_in: int, d_out: int, r: int, seed: int):
+    """A DoRA layer with a nonzero B and a magnitude off its start, and an input ``x: (N, d_in)``."""
+    from lorakit.dora import DoRALinear
+
+    g = torch.Generator().manual_seed(seed)
+    layer = DoRALinear(nn.Linear(d_in, d_out, bias=False), r=r, alpha=2 * r + 1)  # scaling != 1
+    with torch.no_grad():
+        layer.lora_B.copy_(0.5 * torch.randn(d_out, r, generator=g))
+        layer.magnitude.mul_(1 + 0.3 * torch.randn(d_out, generator=g))
+    return layer, torch.randn(3, d_in, generator=g)
+
+
+def check_dora_forward(fn: Callable[..., torch.Tensor]) -> str:
+    """Exercise: ``fn(x, W0, A, B, m, scaling)`` returns DoRA's ``y = m * (W0 + s B A) / ||W0 + s B A||_c x``
+    for ``x: (N, d_in)``, with the norm of each output row of the torch weight (DoRA §4.1)."""
+    for i, (d_in, d_out, r) in enumerate([(16, 16, 2), (48, 24, 4), (24, 40, 8)]):
+        layer, x = _dora_case(d_in, d_out, r, seed=i)
+        W0, A, B, m = (t.detach() for t in (layer.base_layer.weight, layer.lora_A, layer.lora_B, layer.magnitude))
+        s = layer.scaling
+        with torch.no_grad():
+            want = layer(x)  # (N, d_out)
+            got = fn(x, W0, A, B, m, s)
+        case = f"d_in={d_in}, d_out={d_out}, r={r}"
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise AssertionError(
+                f"{case}: expected y of shape {tuple(want.shape)}, got {shape}; hint: m has one entry per output"
+            )
+        W = W0 + s * B @ A  # (d_out, d_in)
+        if torch.allclose(got, x @ W.T, atol=1e-4):
+            raise AssertionError(f"{case}: you returned LoRA's output (W0 + s B A) x; rescale each row by m / ||row||")
+        if torch.allclose(got, x @ (m[:, None] * W / W.norm(dim=0, keepdim=True)).T, atol=1e-4):
+            raise AssertionError(
+                f"{case}: you normalized W's columns (dim=0); the paper's column is a torch *row* "
+                "(one per output feature): W.norm(dim=1)"
+            )
+        if torch.allclose(got, x @ (m[:, None] * W).T, atol=1e-4):
+            raise AssertionError(f"{case}: the direction is not normalized; divide W0 + s B A by its row norms")
+        if not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
+            raise AssertionError(
+                f"{case}: y differs from DoRALinear's by up to {(got - want).abs().max():.3g}; "
+                "hint: W = W0 + s B A, then m[:, None] * W / W.norm(dim=1, keepdim=True), then x @ that.T"
+            )
+    return "correct: magnitude times unit direction, y = m * (W0 + s B A) / ||W0 + s B A||_c x, as DoRALinear"
+
+
+def nf_roundtrip(bits: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``w -> dequantize(quantize(w))`` with lorakit's NF-k blockwise quantizer (blocks of 64)."""
+
+    def roundtrip(w: torch.Tensor) -> torch.Tensor:
+        return dequantize_blockwise(*quantize_blockwise(w, "nf", bits=bits))
+
+    return roundtrip
+
+
+def check_loftq_step(fn: Callable[..., tuple]) -> str:
+    """Exercise: ``fn(W, lora, r, scaling, quantize)`` runs one LoftQ iteration and returns ``(A, B, Q)``:
+    ``Q = quantize(W - lora)``, then ``scaling * B A`` = the rank-r SVD of ``W - Q`` (LoftQ Algorithm 1)."""
+    from lorakit.loftq import loftq_step
+
+    for i, (d_out, d_in, r, bits) in enumerate([(32, 64, 4, 4), (64, 128, 8, 2), (48, 64, 2, 3)]):
+        g = torch.Generator().manual_seed(20 + i)
+        W = torch.randn(d_out, d_in, generator=g)
+        lora = 0.3 * torch.randn(d_out, r, generator=g) @ torch.randn(r, d_in, generator=g)  # a previous B A
+        scaling = 2.0
+        _, _, _, _, Q_want = loftq_step(W, lora, r, scaling, bits)
+        got = fn(W.clone(), lora.clone(), r, scaling, nf_roundtrip(bits))
+        case = f"W: ({d_out}, {d_in}), r={r}, {bits} bits"
+        if not isinstance(got, tuple) or len(got) != 3:
+            raise AssertionError(f"{case}: return the tuple (A, B, Q), got {type(got).__name__}")
+        A, B, Q = got
+        if tuple(A.shape) != (r, d_in) or tuple(B.shape) != (d_out, r):
+            raise AssertionError(f"{case}: A must be (r, d_in) = {(r, d_in)}, B (d_out, r) = {(d_out, r)}")
+        if torch.equal(Q, nf_roundtrip(bits)(W)):
+            raise AssertionError(f"{case}: you quantized W; quantize W - lora, the part the adapter does not hold")
+        if not torch.equal(Q, Q_want):
+            raise AssertionError(f"{case}: Q differs; Q = quantize(W - lora)")
+        U, S, Vh = torch.linalg.svd(W - Q, full_matrices=False)
+        best = U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]  # the rank-r SVD of the error
+        if torch.allclose(B @ A, best, atol=1e-4):
+            raise AssertionError(f"{case}: B A is the error's top-r part, but scaling * B A must be; divide S by it")
+        if not torch.allclose(scaling * B @ A, best, atol=1e-4):
+            plain = torch.linalg.svd(W, full_matrices=False)
+            if torch.allclose(scaling * B @ A, plain[0][:, :r] @ torch.diag(plain[1][:r]) @ plain[2][:r], atol=1e-4):
+                raise AssertionError(f"{case}: you took the SVD of W; take it of the quantization error W - Q")
+            raise AssertionError(
+                f"{case}: scaling * B A differs from the rank-{r} SVD of W - Q by up to "
+                f"{(scaling * B @ A - best).abs().max():.3g}; hint: B = U_r sqrt(S_r / s), A = sqrt(S_r / s) Vh_r"
+            )
+    return "correct: quantize what the adapter does not hold, then let the adapter hold the error's top-r part"

@@ -12,6 +12,10 @@ The layer follows peft's ``tuners/lora/layer.py`` (``Linear.forward``, ``get_del
 and adapters are saved in peft's on-disk format (``adapter_config.json`` + ``adapter_model.safetensors``).
 Besides ``nn.Linear`` it wraps GPT-2's ``Conv1D`` (a Linear whose weight is stored transposed,
 ``(d_in, d_out)``: peft's ``fan_in_fan_out``) and lorakit's ``Linear4bit`` (QLoRA).
+
+The variants live beside it, one module each, and leave this layer plain: ``lorakit.dora`` (``DoRALinear``,
+a subclass that adds a magnitude; ``add_lora(..., use_dora=True)``), ``lorakit.pissa`` and ``lorakit.loftq``
+(other starting points for A, B and W0), ``lorakit.loraplus`` (optimizer groups); rsLoRA is the ``rslora`` flag.
 """
 
 from __future__ import annotations
@@ -259,6 +263,7 @@ def add_lora(
     dropout: float = 0.0,
     rslora: bool = False,
     autocast_adapter_dtype: bool = True,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Wrap every Linear whose dotted name ends with a target in a ``LoRALinear``; freeze the rest.
 
@@ -267,7 +272,8 @@ def add_lora(
     the output head, as peft's ``all-linear`` does. The model is changed in place and returned;
     only the ``lora_A``/``lora_B`` parameters are left trainable (peft's ``bias="none"``).
     ``autocast_adapter_dtype`` (peft's default, True) keeps the adapter in float32 on a float16 or
-    bfloat16 base; False keeps it in the base weight's dtype.
+    bfloat16 base; False keeps it in the base weight's dtype. ``use_dora=True`` (peft's name) wraps in
+    ``lorakit.dora.DoRALinear`` instead: LoRA plus a trainable magnitude per output (DoRA).
     """
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         targets = all_linear_names(model)
@@ -288,8 +294,13 @@ def add_lora(
         )
     for p in model.parameters():
         p.requires_grad_(False)
+    layer_type = LoRALinear
+    if use_dora:
+        from lorakit.dora import DoRALinear  # a LoRALinear subclass: imported here, where it is chosen
+
+        layer_type = DoRALinear
     for name, base in chosen:
-        layer = LoRALinear(
+        layer = layer_type(
             base,
             r=r,
             alpha=alpha,

@@ -215,8 +215,11 @@ def check_inputs(
         raise ValueError("no parameter of the model requires grad: nothing to train (did you call add_lora?)")
 
 
-def _checkpointing(model: torch.nn.Module, on: bool) -> None:
-    """Turn transformers' activation checkpointing on or off (named gradient checkpointing before v5)."""
+def set_gradient_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Turn transformers' activation checkpointing on or off (named gradient checkpointing before v5).
+
+    Only a model in train mode recomputes: transformers checkpoints when ``self.training`` is True.
+    """
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         if on:
@@ -382,7 +385,7 @@ def train(
         result.resumed_at = result.step
     if config.gradient_checkpointing:
         # Recompute each layer's activations in backward instead of keeping them (Chen et al., 2016).
-        _checkpointing(model, True)
+        set_gradient_checkpointing(model, True)
 
     def evaluate() -> None:
         if val_blocks is not None and (not result.evals or result.evals[-1][0] != result.step):
@@ -471,7 +474,7 @@ def train(
         result.seconds = time.perf_counter() - start
         model.eval()
         if config.gradient_checkpointing:
-            _checkpointing(model, False)
+            set_gradient_checkpointing(model, False)
     if not result.interrupted and not result.diverged:
         evaluate()
         sample()

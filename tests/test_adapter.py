@@ -208,10 +208,13 @@ def test_unsupported_variants_and_merged_models(tiny, trained, tmp_path):
     save_adapter(trained, tmp_path)
     config_path = tmp_path / "adapter_config.json"
     good = json.loads(config_path.read_text())
-    for key, value in [("use_dora", True), ("bias", "all"), ("rank_pattern", {"q_proj": 2})]:
+    for key, value in [("lora_bias", True), ("bias", "all"), ("rank_pattern", {"q_proj": 2})]:
         config_path.write_text(json.dumps({**good, key: value}))
-        with pytest.raises(ValueError, match=rf"sets {key}={value!r}; lorakit implements plain LoRA only"):
+        with pytest.raises(ValueError, match=rf"sets {key}={value!r}; lorakit implements plain LoRA and DoRA only"):
             load_adapter(copy.deepcopy(tiny), tmp_path)
+    config_path.write_text(json.dumps({**good, "use_dora": True}))  # DoRA without its magnitude vectors
+    with pytest.raises(ValueError, match=r"has no lora_magnitude_vector tensor for 'model.layers.0.self_attn.q_proj'"):
+        load_adapter(copy.deepcopy(tiny), tmp_path)
     config_path.write_text(json.dumps({**good, "target_modules": ".*q_proj"}))
     with pytest.raises(ValueError, match=r"gives target_modules as the regex '.\*q_proj'; lorakit reads a list"):
         load_adapter(copy.deepcopy(tiny), tmp_path)
