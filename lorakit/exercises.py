@@ -251,8 +251,10 @@ def _blocks_text(n: int, blocksize: int) -> str:
     return text + (f" + a partial last block of {rest}" if rest else "")
 
 
-def _check_absmax(got: torch.Tensor, want: torch.Tensor, n: int, blocksize: int, case: str) -> None:
-    """The per-block absmax constants: count (the partial last block) and values."""
+def _check_absmax(
+    got: torch.Tensor, want: torch.Tensor, n: int, blocksize: int, case: str, values: torch.Tensor | None = None
+) -> None:
+    """The per-block absmax constants: count (the partial last block) and values (of the flat float32 ``values``)."""
     n_blocks = -(n // -blocksize)
     if got.numel() == n // blocksize and n % blocksize:
         raise AssertionError(
@@ -263,6 +265,11 @@ def _check_absmax(got: torch.Tensor, want: torch.Tensor, n: int, blocksize: int,
         raise AssertionError(
             f"{case}: {got.numel()} absmax constants, expected ceil({n} / {blocksize}) = {n_blocks}, one per block"
         )
+    if got.dtype != torch.float32:
+        raise AssertionError(
+            f"{case}: absmax has dtype {got.dtype}; store the constants in float32, as lorakit and bitsandbytes do "
+            "(convert the weights with .float() first)"
+        )
     got = got.reshape(-1).double()
     if torch.allclose(got, want.double(), rtol=1e-6, atol=0.0):
         return
@@ -272,6 +279,13 @@ def _check_absmax(got: torch.Tensor, want: torch.Tensor, n: int, blocksize: int,
             f"each block of {blocksize} values has its own absmax, its largest magnitude"
         )
     i = int(((got - want.double()).abs() > 1e-6 * want.double().abs()).nonzero()[0])  # the first wrong block
+    if values is not None:
+        signed = torch.nn.functional.pad(values, (0, -n % blocksize)).view(-1, blocksize).amax(dim=1)
+        if torch.allclose(got, signed.double(), rtol=1e-6):
+            raise AssertionError(
+                f"{case}: the absmax of block {i} is {float(want[i]):.6g}, you returned {float(got[i]):.6g}, its "
+                "largest value; absmax is the largest magnitude, x.abs().max(), so a negative value can set it"
+            )
     raise AssertionError(
         f"{case}: the absmax of block {i} is {float(want[i]):.6g}, you returned {float(got[i]):.6g}; "
         "hint: the largest magnitude of the block, x.abs().max() over its values, computed in float32"
@@ -423,7 +437,7 @@ def check_blockwise_quantize(fn: Callable[..., tuple]) -> str:
             )
         if codes.dtype != torch.int8:
             raise AssertionError(f"{case}: codes have dtype {codes.dtype}, expected torch.int8; hint: .to(torch.int8)")
-        _check_absmax(_tensor(absmax, "absmax", case), want_absmax, n, blocksize, case)
+        _check_absmax(_tensor(absmax, "absmax", case), want_absmax, n, blocksize, case, w.reshape(-1).float())
         got = codes.reshape(-1).long()
         if got.abs().max() > m:
             raise AssertionError(
@@ -436,6 +450,8 @@ def check_blockwise_quantize(fn: Callable[..., tuple]) -> str:
             i = int(wrong.nonzero()[0])
             if _toward_zero(got, want_codes):
                 hint = "you truncated toward zero; round to the nearest integer first"
+            elif w.dtype != torch.float32:
+                hint = f"w is {w.dtype}: convert it with .float() first, {w.dtype} rounds x / scale"
             elif i >= n - n % blocksize:
                 hint = "the wrong code is in the partial last block: scale it by its own absmax"
             else:
@@ -491,7 +507,7 @@ def check_nf_table(fn: Callable[[int, float], torch.Tensor]) -> str:
     ones at ``linspace(offset, 0.5, 2**(k-1))[:-1]``, an exact zero, sorted, divided by the largest: ``(2**k,)``.
     Compared with ``lorakit.normal_float(bits, offset)`` (bit-identical to bitsandbytes) within 1e-6.
     """
-    cases = [(4, nf_offset(4), "NF4, offset 0.9677083"), (4, 0.95, "offset 0.95"), (3, nf_offset(3), "NF3")]
+    cases = [(4, nf_offset(4), "NF4"), (4, 0.95, "NF4 with another offset"), (3, nf_offset(3), "NF3")]
     for k, (bits, offset, text) in enumerate(cases, 1):
         case = f"case {k} of {len(cases)} (bits={bits}, offset={offset}: {text})"
         want = normal_float(bits, offset)  # (2**bits,) float32
@@ -524,6 +540,11 @@ def check_nf_table(fn: Callable[[int, float], torch.Tensor]) -> str:
                 "divide by its largest value (absmax-scaled blocks lie in [-1, 1])"
             )
         if not torch.allclose(got, want.double(), rtol=0.0, atol=1e-6):
+            if offset != nf_offset(bits) and torch.allclose(got, normal_float(bits).double(), atol=1e-6):
+                raise AssertionError(
+                    f"{case}: this is the table for offset {nf_offset(bits)}; use the offset argument, the outermost "
+                    "probability"
+                )
             i = int((got - want.double()).abs().argmax())
             side = "positive" if want[i] > 0 else "negative"
             raise AssertionError(
@@ -578,7 +599,7 @@ def check_quantize_nf4(fn: Callable[[torch.Tensor, int], tuple]) -> str:
             raise AssertionError(f"{case}: expected ceil({n} / 2) = {n_bytes} bytes, got {packed.numel()}")
         if packed.dtype != torch.uint8:
             raise AssertionError(f"{case}: packed has dtype {packed.dtype}, expected torch.uint8 (0..255)")
-        _check_absmax(_tensor(absmax, "absmax", case), state.absmax, n, blocksize, case)
+        _check_absmax(_tensor(absmax, "absmax", case), state.absmax, n, blocksize, case, w.reshape(-1).float())
         high_first = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1).long()  # (2 * n_bytes,)
         got = high_first[:n]
         target = w.reshape(-1).double() / state.absmax.double().repeat_interleave(blocksize)[:n]  # (n,) in [-1, 1]
@@ -591,6 +612,8 @@ def check_quantize_nf4(fn: Callable[[torch.Tensor, int], tuple]) -> str:
                     "you put the first code in the low nibble; bitsandbytes (and lorakit) put it in the high one: "
                     "(q[0::2] << 4) | q[1::2]"
                 )
+            elif w.dtype != torch.float32:
+                hint = f"w is {w.dtype}: convert it with .float() first, {w.dtype} rounds the scaled values"
             else:
                 hint = (
                     f"scale each block by its absmax, then take the index of the nearest NF4 value "

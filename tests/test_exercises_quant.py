@@ -135,7 +135,7 @@ def test_blockwise_quantize_accepts_the_solution():
         (keeps_padding, r"case 2 of 4 .*cropped off"),
         (one_scale, r"case 1 of 4 .*the whole tensor's"),
         (truncates, r"case 1 of 4 .*truncated toward zero"),
-        (signed_max, r"case 1 of 4 .*the absmax of block \d+ .*largest magnitude"),
+        (signed_max, r"case 1 of 4 .*its largest value; absmax is the largest magnitude"),
     ],
     ids=["partial-block-dropped", "padding-kept", "one-scale", "no-rounding", "max-not-absmax"],
 )
@@ -215,7 +215,7 @@ def test_nf_table_accepts_the_solution():
         (symmetric_without_zero, r"case 1 of 3 .*8 positive values, 0 zeros and 8 negative"),
         (evenly_spaced_probabilities, r"case 1 of 3 .*8 positive values, 0 zeros and 8 negative"),
         (mirrored_negative_half, r"case 1 of 3 .*negative half"),
-        (ignores_offset, r"case 2 of 3 \(bits=4, offset=0.95"),
+        (ignores_offset, r"case 2 of 3 \(bits=4, offset=0.95.*use the offset argument"),
     ],
     ids=["not-normalized", "symmetric-8-8-and-zero", "symmetric-8-8", "evenly-spaced", "mirrored", "offset-ignored"],
 )
@@ -246,6 +246,17 @@ def partial_block_absmax_dropped(w, blocksize=64):
     return packed, absmax[: w.numel() // blocksize]
 
 
+def no_float32(w, blocksize=64):
+    nf4 = codebook("nf", 4).to(w.dtype)
+    flat = w.reshape(-1)
+    n = flat.numel()
+    blocks = F.pad(flat, (0, -n % blocksize)).view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = F.pad((blocks / absmax.view(-1, 1)).view(-1)[:n], (0, n % 2))
+    codes = (scaled.view(-1, 1) - nf4).abs().argmin(dim=1).to(torch.uint8)
+    return (codes[0::2] << 4) | codes[1::2], absmax
+
+
 def test_quantize_nf4_accepts_the_solution():
     assert check_quantize_nf4(quantize_nf4).startswith("correct")
 
@@ -256,6 +267,7 @@ def test_quantize_nf4_accepts_the_solution():
         (lambda w, b: quantize_nf4(w, b, low_first=True), r"case 1 of 4 .*low nibble"),
         (lambda w, b: quantize_nf4(w, b, drop_odd=True), r"case 3 of 4 .*odd count of 63 codes: the last code is lost"),
         (lambda w, b: quantize_nf4(w, b, pad_code=0), r"case 3 of 4 .*padding.*you stored 0"),
+        (no_float32, r"case 4 of 4 .*bfloat16.*absmax has dtype torch.bfloat16"),
         (partial_block_absmax_dropped, r"case 2 of 4 .*partial last block of 22 values needs its own absmax"),
         (lambda w, b: (quantize_nf4(w, b)[0].repeat_interleave(2), quantize_nf4(w, b)[1]), r"case 1 of 4 .*two 4-bit"),
         (
@@ -263,7 +275,15 @@ def test_quantize_nf4_accepts_the_solution():
             r"case 1 of 4 .*1 absmax constants, expected ceil\(512 / 64\) = 8",
         ),
     ],
-    ids=["low-nibble-first", "odd-code-dropped", "pad-nibble-0", "partial-block-absmax", "one-per-byte", "one-block"],
+    ids=[
+        "low-nibble-first",
+        "odd-code-dropped",
+        "pad-nibble-0",
+        "bfloat16-arithmetic",
+        "partial-block-absmax",
+        "one-per-byte",
+        "one-block",
+    ],
 )
 def test_quantize_nf4_rejects(wrong, message):
     with pytest.raises(AssertionError, match=message):
