@@ -643,3 +643,542 @@ def check_loftq_step(fn: Callable[..., tuple]) -> str:
                 f"{(scaling * B @ A - best).abs().max():.3g}; hint: B = U_r sqrt(S_r / s), A = sqrt(S_r / s) Vh_r"
             )
     return "correct: quantize what the adapter does not hold, then let the adapter hold the error's top-r part"
+# --- notebooks 03-04: quantization ---
+# The "Build it" checkers of notebook 03 (absmax int8 of one block, then blockwise absmax) and notebook 04 (the NF4
+# table, blockwise 4-bit codes packed two per byte, double quantization of the absmax constants, bits per parameter).
+# Each runs the learner's function on several cases against lorakit's own implementation (lorakit.blockwise,
+# lorakit.codebooks, lorakit.double_quant) and names the failing case, expected vs got, and a hint.
+# Codes are compared by the value they stand for: the learner's code must be as near to the scaled input as
+# lorakit's (within 1e-6 of the [-1, 1] range), so a tie broken the other way by float rounding still passes.
+
+from lorakit.blockwise import quantize_4bit, unpack_codes  # noqa: E402
+from lorakit.codebooks import codebook, dynamic_map, nf_offset, normal_float  # noqa: E402
+from lorakit.double_quant import ABSMAX_BLOCKSIZE, quantize_absmax  # noqa: E402
+
+_TIE = 1e-6  # how much farther than lorakit's code a learner's code may be from the scaled value (ties, float rounding)
+
+
+def _tensor(value: object, what: str, case: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise AssertionError(f"{case}: {what} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _unpack(result: object, names: tuple[str, ...], case: str) -> tuple:
+    if not isinstance(result, tuple | list) or len(result) != len(names):
+        raise AssertionError(f"{case}: return a tuple ({', '.join(names)}), got {type(result).__name__}")
+    return tuple(result)
+
+
+def _scalar(value: object, what: str, case: str) -> float:
+    t = torch.as_tensor(value)
+    if t.numel() != 1:
+        raise AssertionError(f"{case}: {what} must be one number, got a tensor of shape {tuple(t.shape)}")
+    return float(t)
+
+
+def _int_codes(w: torch.Tensor, bits: int, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """lorakit's symmetric Int-k blockwise quantization as integers: (codes (n,) int64 in -M..M, absmax (n_blocks,))."""
+    packed, state = quantize_blockwise(w, "int", blocksize, bits=bits)
+    index = unpack_codes(packed, bits, w.numel()).long()  # (n,) positions in the Int-k table
+    m = 2 ** (bits - 1) - 1
+    return torch.round(state.code[index] * m).long(), state.absmax
+
+
+def _farther(got: torch.Tensor, want: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Positions where the value ``got`` is farther from ``target`` than lorakit's ``want`` (all float64)."""
+    return (got - target).abs() > (want - target).abs() + _TIE
+
+
+def _toward_zero(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """True when ``got`` is ``want`` moved toward zero by at most one (truncation instead of rounding)."""
+    return bool((got.abs() <= want.abs()).all() and ((got - want).abs() <= 1).all() and (got * want >= 0).all())
+
+
+def _blocks_text(n: int, blocksize: int) -> str:
+    full, rest = divmod(n, blocksize)
+    text = f"{n} values = {full} full block{'s' if full != 1 else ''} of {blocksize}"
+    return text + (f" + a partial last block of {rest}" if rest else "")
+
+
+def _check_absmax(
+    got: torch.Tensor, want: torch.Tensor, n: int, blocksize: int, case: str, values: torch.Tensor | None = None
+) -> None:
+    """The per-block absmax constants: count (the partial last block) and values (of the flat float32 ``values``)."""
+    n_blocks = -(n // -blocksize)
+    if got.numel() == n // blocksize and n % blocksize:
+        raise AssertionError(
+            f"{case}: {got.numel()} absmax constants, expected {n_blocks}: the partial last block of "
+            f"{n % blocksize} values needs its own absmax too (ceil(n / blocksize) blocks)"
+        )
+    if got.numel() != n_blocks:
+        raise AssertionError(
+            f"{case}: {got.numel()} absmax constants, expected ceil({n} / {blocksize}) = {n_blocks}, one per block"
+        )
+    if got.dtype != torch.float32:
+        raise AssertionError(
+            f"{case}: absmax has dtype {got.dtype}; store the constants in float32, as lorakit and bitsandbytes do "
+            "(convert the weights with .float() first)"
+        )
+    got = got.reshape(-1).double()
+    if torch.allclose(got, want.double(), rtol=1e-6, atol=0.0):
+        return
+    if torch.allclose(got, torch.full_like(got, float(want.max())), rtol=1e-6):
+        raise AssertionError(
+            f"{case}: every block got the same absmax {float(want.max()):.4g}, the whole tensor's; "
+            f"each block of {blocksize} values has its own absmax, its largest magnitude"
+        )
+    i = int(((got - want.double()).abs() > 1e-6 * want.double().abs()).nonzero()[0])  # the first wrong block
+    if values is not None:
+        signed = torch.nn.functional.pad(values, (0, -n % blocksize)).view(-1, blocksize).amax(dim=1)
+        if torch.allclose(got, signed.double(), rtol=1e-6):
+            raise AssertionError(
+                f"{case}: the absmax of block {i} is {float(want[i]):.6g}, you returned {float(got[i]):.6g}, its "
+                "largest value; absmax is the largest magnitude, x.abs().max(), so a negative value can set it"
+            )
+    raise AssertionError(
+        f"{case}: the absmax of block {i} is {float(want[i]):.6g}, you returned {float(got[i]):.6g}; "
+        "hint: the largest magnitude of the block, x.abs().max() over its values, computed in float32"
+    )
+
+
+# ------------------------------------------------------------------ 03: absmax int8 of one block
+def _one_block_cases() -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    negative = torch.randn(7, generator=g)
+    negative[3] = -2.5 * negative.abs().max()  # the largest magnitude is negative
+    return [
+        ("8 values from N(0, 1), float32", torch.randn(8, generator=g)),
+        ("7 values whose largest magnitude is negative", negative),
+        ("1000 weights from N(0, 0.02^2), float32", torch.randn(1000, generator=g) * 0.02),
+        ("300 weights in bfloat16", (torch.randn(300, generator=g) * 0.02).bfloat16()),
+    ]
+
+
+def check_absmax_quantize(fn: Callable[[torch.Tensor], tuple]) -> str:
+    """Build it (notebook 03): ``fn(x) -> (codes, scale)``, absmax int8 of one block ``x: (n,)``.
+
+    ``scale = absmax / 127`` (float32), ``codes = round(x / scale)`` as ``torch.int8`` in [-127, 127]. Compared with
+    lorakit's Int8 codebook (``quantize_blockwise(x, "int", bits=8)`` with one block as large as ``x``).
+    """
+    cases = _one_block_cases()
+    for k, (text, x) in enumerate(cases, 1):
+        case = f"case {k} of {len(cases)} ({text})"
+        want_codes, absmax = _int_codes(x, 8, _next_power_of_two(x.numel()))
+        codes, scale = _unpack(fn(x.clone()), ("codes", "scale"), case)
+        codes = _tensor(codes, "codes", case)
+        if codes.shape != x.shape:
+            raise AssertionError(
+                f"{case}: codes must have the input's shape {tuple(x.shape)}, got {tuple(codes.shape)}"
+            )
+        if codes.dtype != torch.int8:
+            raise AssertionError(
+                f"{case}: codes have dtype {codes.dtype}, expected torch.int8 (one byte per weight is the point); "
+                "hint: round first, then .to(torch.int8)"
+            )
+        scale = _scalar(scale, "scale", case)
+        want_scale = float(absmax[0]) / 127
+        if not abs(scale - want_scale) <= 1e-6 * want_scale:
+            if abs(scale - 127 * want_scale) <= 1e-6 * 127 * want_scale:
+                hint = "scale = absmax maps the largest value to code 1; divide by 127 so that it maps to 127"
+            elif abs(scale - float(x.float().max()) / 127) <= 1e-6 * want_scale:
+                hint = "you took x.max(); absmax is the largest magnitude, x.abs().max() (here it is negative)"
+            elif any(abs(scale - 127 * want_scale / d) <= 1e-6 * want_scale for d in (128, 255, 256)):
+                hint = "absmax int8 is symmetric, codes -127..127 (-128 stays unused): divide by 127"
+            elif x.dtype != torch.float32:
+                hint = f"x is {x.dtype}: convert it with x.float() first, a {x.dtype} scale is rounded"
+            else:
+                hint = "scale = x.abs().max() / 127"
+            raise AssertionError(f"{case}: expected scale {want_scale:.7g}, got {scale:.7g}; {hint}")
+        got = codes.long()
+        if got.abs().max() > 127:
+            raise AssertionError(f"{case}: codes must lie in [-127, 127], got {int(got.abs().max())}")
+        target = x.double() / (float(absmax[0]) / 127)  # (n,) the exact x / scale
+        wrong = _farther(got.double(), want_codes.double(), target)
+        if wrong.any():
+            i = int(wrong.nonzero()[0])
+            if _toward_zero(got, want_codes):
+                hint = "you truncated toward zero (.to(torch.int8) alone does that); round to the nearest integer first"
+            elif x.dtype != torch.float32:
+                hint = f"x is {x.dtype}: convert it with x.float() before dividing, {x.dtype} rounds x / scale"
+            else:
+                hint = "codes = torch.round(x / scale)"
+            raise AssertionError(
+                f"{case}: x[{i}] = {float(x[i]):.6g}, x / scale = {float(target[i]):.4f}, so its code is "
+                f"{int(want_codes[i])}; you returned {int(got[i])}; {hint}"
+            )
+    return "correct: scale = absmax / 127 and codes = round(x / scale) as int8, as lorakit's Int8 codebook stores them"
+
+
+def check_absmax_dequantize(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> str:
+    """Build it (notebook 03): ``fn(codes, scale) -> x_hat``, ``codes * scale`` in float32, ``codes``' shape.
+
+    ``codes``: (n,) int8 and ``scale``: 0-dim float32, as lorakit's Int8 stores one block; compared with
+    ``dequantize_blockwise``.
+    """
+    cases = [(text, x.float()) for text, x in _one_block_cases()]
+    for k, (text, x) in enumerate(cases, 1):
+        case = f"case {k} of {len(cases)} ({text})"
+        packed, state = quantize_blockwise(x, "int", _next_power_of_two(x.numel()), bits=8)
+        want = dequantize_blockwise(packed, state)  # (n,) float32
+        codes = torch.round(state.code[unpack_codes(packed, 8, x.numel()).long()] * 127).to(torch.int8)  # (n,)
+        scale = state.absmax[0] / 127  # 0-dim float32
+        got = _tensor(fn(codes.clone(), scale.clone()), "x_hat", case)
+        if got.shape != want.shape:
+            raise AssertionError(
+                f"{case}: x_hat must have the codes' shape {tuple(want.shape)}, got {tuple(got.shape)}"
+            )
+        if not got.is_floating_point():
+            raise AssertionError(f"{case}: x_hat has dtype {got.dtype}; return floats: codes.float() * scale")
+        if torch.allclose(got.double(), want.double(), rtol=1e-6, atol=0.0):
+            continue
+        c = codes.double()
+        if torch.allclose(got.double(), c * float(scale) * 127, rtol=1e-5):
+            hint = "you multiplied by absmax = 127 * scale; the scale already holds the 1/127"
+        elif torch.allclose(got.double(), c * float(scale) / 127, rtol=1e-5):
+            hint = "you divided by 127 again; scale = absmax / 127 already"
+        else:
+            hint = "x_hat = codes * scale"
+        i = int((got.double() - want.double()).abs().argmax())
+        raise AssertionError(
+            f"{case}: code {int(codes[i])} with scale {float(scale):.6g} gives {float(want[i]):.6g}, "
+            f"you returned {float(got[i]):.6g}; {hint}"
+        )
+    return "correct: x_hat = codes * scale, as lorakit's dequantize_blockwise computes it"
+
+
+# ------------------------------------------------------------------ 03: blockwise absmax
+def _blockwise_cases() -> list[tuple[str, torch.Tensor, int, int]]:
+    g = torch.Generator().manual_seed(4)
+    spiky = torch.randn(1000, generator=g) * 0.02
+    spiky[300] = 1.0  # one outlier, in block 2
+    return [
+        ("w (4, 64) float32, blocksize 64, 8 bits", torch.randn(4, 64, generator=g), 64, 8),
+        ("w (3, 100) float32, blocksize 64, 8 bits", torch.randn(3, 100, generator=g), 64, 8),
+        ("w (1000,) with one outlier, blocksize 128, 4 bits", spiky, 128, 4),
+        ("w (5, 40) bfloat16, blocksize 32, 4 bits", (torch.randn(5, 40, generator=g) * 0.02).bfloat16(), 32, 4),
+    ]
+
+
+def check_blockwise_quantize(fn: Callable[..., tuple]) -> str:
+    """Build it (notebook 03): ``fn(w, blocksize, bits) -> (codes, absmax)``, symmetric absmax Int-k in blocks.
+
+    ``codes``: (n,) ``torch.int8`` in ``-M..M`` with ``M = 2**(bits-1) - 1``, of ``w`` flattened; ``absmax``:
+    ``(ceil(n / blocksize),)`` float32, the last block possibly partial. Compared with
+    ``lorakit.quantize_blockwise(w, "int", blocksize, bits=bits)``.
+    """
+    cases = _blockwise_cases()
+    for k, (text, w, blocksize, bits) in enumerate(cases, 1):
+        n = w.numel()
+        case = f"case {k} of {len(cases)} ({text}: {_blocks_text(n, blocksize)})"
+        m = 2 ** (bits - 1) - 1
+        want_codes, want_absmax = _int_codes(w, bits, blocksize)
+        codes, absmax = _unpack(fn(w.clone(), blocksize, bits), ("codes", "absmax"), case)
+        codes, absmax = _tensor(codes, "codes", case), _tensor(absmax, "absmax", case)
+        if codes.numel() == n - n % blocksize and n % blocksize:
+            raise AssertionError(
+                f"{case}: {codes.numel()} codes for {n} values: the partial last block of {n % blocksize} was "
+                "dropped; quantize it with its own absmax (pad it, or treat it apart)"
+            )
+        if codes.numel() != n:
+            raise AssertionError(
+                f"{case}: {codes.numel()} codes for {n} values; return one code per value of w.flatten() "
+                "(padding, if you added some, cropped off)"
+            )
+        if codes.dtype != torch.int8:
+            raise AssertionError(f"{case}: codes have dtype {codes.dtype}, expected torch.int8; hint: .to(torch.int8)")
+        _check_absmax(_tensor(absmax, "absmax", case), want_absmax, n, blocksize, case, w.reshape(-1).float())
+        got = codes.reshape(-1).long()
+        if got.abs().max() > m:
+            raise AssertionError(
+                f"{case}: codes at {bits} bits lie in [-{m}, {m}] (M = 2**(bits-1) - 1), got {int(got.abs().max())}"
+            )
+        scale = want_absmax.double().repeat_interleave(blocksize)[:n] / m  # (n,) each value's absmax / M
+        target = w.reshape(-1).double() / scale
+        wrong = _farther(got.double(), want_codes.double(), target)
+        if wrong.any():
+            i = int(wrong.nonzero()[0])
+            if _toward_zero(got, want_codes):
+                hint = "you truncated toward zero; round to the nearest integer first"
+            elif w.dtype != torch.float32:
+                hint = f"w is {w.dtype}: convert it with .float() first, {w.dtype} rounds x / scale"
+            elif i >= n - n % blocksize:
+                hint = "the wrong code is in the partial last block: scale it by its own absmax"
+            else:
+                hint = f"codes = round(x / (absmax of x's block / {m}))"
+            raise AssertionError(
+                f"{case}: value {i} (block {i // blocksize}) is {float(w.reshape(-1)[i]):.6g}, its code "
+                f"{int(want_codes[i])}; you returned {int(got[i])}; {hint}"
+            )
+    return "correct: each block scaled by its own absmax, the partial last block too, as lorakit.quantize_blockwise"
+
+
+def check_blockwise_dequantize(fn: Callable[..., torch.Tensor]) -> str:
+    """Build it (notebook 03): ``fn(codes, absmax, shape, blocksize, bits) -> w_hat``, float32 of ``shape``.
+
+    ``w_hat = codes / M * absmax`` of each value's block, ``M = 2**(bits-1) - 1``; compared with
+    ``lorakit.dequantize_blockwise``.
+    """
+    cases = [(text, w.float(), blocksize, bits) for text, w, blocksize, bits in _blockwise_cases()[:3]]
+    for k, (text, w, blocksize, bits) in enumerate(cases, 1):
+        n = w.numel()
+        case = f"case {k} of {len(cases)} ({text}: {_blocks_text(n, blocksize)})"
+        m = 2 ** (bits - 1) - 1
+        packed, state = quantize_blockwise(w, "int", blocksize, bits=bits)
+        want = dequantize_blockwise(packed, state)  # (w.shape) float32
+        codes = torch.round(state.code[unpack_codes(packed, bits, n).long()] * m).to(torch.int8)  # (n,)
+        got = _tensor(fn(codes.clone(), state.absmax.clone(), w.shape, blocksize, bits), "w_hat", case)
+        if got.shape != w.shape:
+            raise AssertionError(f"{case}: w_hat must have the shape {tuple(w.shape)}, got {tuple(got.shape)}")
+        if torch.allclose(got.double(), want.double(), rtol=1e-6, atol=0.0):
+            continue
+        diff = (got.double() - want.double()).reshape(-1).abs()
+        i = int(diff.argmax())
+        c = codes.double()
+        per_value = state.absmax.double().repeat_interleave(blocksize)[:n]
+        if torch.allclose(got.reshape(-1).double(), c * per_value, rtol=1e-5):
+            hint = f"divide the codes by M = {m} first: a code of {m} stands for the block's absmax"
+        elif (diff[: n - n % blocksize] <= 1e-6 * want.abs().max()).all():
+            hint = "only the partial last block is wrong: its values use the last absmax, absmax[-1]"
+        else:
+            hint = f"w_hat = codes / {m} * absmax of each value's block (repeat_interleave, then crop to n)"
+        raise AssertionError(
+            f"{case}: value {i} (block {i // blocksize}) should be {float(want.reshape(-1)[i]):.6g}, "
+            f"you returned {float(got.reshape(-1)[i]):.6g}; {hint}"
+        )
+    return "correct: w_hat = codes / M * each block's absmax, as lorakit.dequantize_blockwise computes it"
+
+
+# ------------------------------------------------------------------ 04: the NF4 table
+def check_nf_table(fn: Callable[[int, float], torch.Tensor]) -> str:
+    """Build it (notebook 04): ``fn(bits, offset) -> table``, NF-k as bitsandbytes' ``create_normal_map`` builds it.
+
+    ``2**(k-1)`` positive quantiles of N(0, 1) at ``linspace(offset, 0.5, 2**(k-1) + 1)[:-1]``, one fewer negative
+    ones at ``linspace(offset, 0.5, 2**(k-1))[:-1]``, an exact zero, sorted, divided by the largest: ``(2**k,)``.
+    Compared with ``lorakit.normal_float(bits, offset)`` (bit-identical to bitsandbytes) within 1e-6.
+    """
+    cases = [(4, nf_offset(4), "NF4"), (4, 0.95, "NF4 with another offset"), (3, nf_offset(3), "NF3")]
+    for k, (bits, offset, text) in enumerate(cases, 1):
+        case = f"case {k} of {len(cases)} (bits={bits}, offset={offset}: {text})"
+        want = normal_float(bits, offset)  # (2**bits,) float32
+        got = _tensor(fn(bits, offset), "the table", case).reshape(-1).double()
+        half = 2 ** (bits - 1)
+        if got.numel() != 2**bits:
+            hint = (
+                f"{half} positive, {half} negative and a zero make {2**bits + 1}: take one negative quantile fewer, "
+                f"linspace(offset, 0.5, {half})[:-1]"
+                if got.numel() == 2**bits + 1
+                else f"{half} positive quantiles, {half - 1} negative ones and an exact zero"
+            )
+            raise AssertionError(f"{case}: expected {2**bits} values, got {got.numel()}; {hint}")
+        if not torch.isfinite(got).all():
+            raise AssertionError(
+                f"{case}: your table has an infinite value: Phi^-1(1) is +inf (and Phi^-1(0.5) is the zero); the "
+                "probabilities run from the offset down to 0.5, with 0.5 left out ([:-1])"
+            )
+        counts = (int((got > 0).sum()), int((got == 0).sum()), int((got < 0).sum()))
+        if counts != (half, 1, half - 1):
+            raise AssertionError(
+                f"{case}: your table has {counts[0]} positive values, {counts[1]} zeros and {counts[2]} negative; "
+                f"NF{bits} has {half}, 1 and {half - 1}: the asymmetric split keeps zero exact and every code distinct"
+            )
+        if not (got[1:] >= got[:-1]).all():
+            raise AssertionError(f"{case}: sort the table ascending (codes index a sorted table)")
+        if not (abs(float(got.max()) - 1) < 1e-6 and abs(float(got.min()) + 1) < 1e-6):
+            raise AssertionError(
+                f"{case}: the table spans [{float(got.min()):.4f}, {float(got.max()):.4f}], expected [-1, 1]; "
+                "divide by its largest value (absmax-scaled blocks lie in [-1, 1])"
+            )
+        if not torch.allclose(got, want.double(), rtol=0.0, atol=1e-6):
+            if offset != nf_offset(bits) and torch.allclose(got, normal_float(bits).double(), atol=1e-6):
+                raise AssertionError(
+                    f"{case}: this is the table for offset {nf_offset(bits)}; use the offset argument, the outermost "
+                    "probability"
+                )
+            i = int((got - want.double()).abs().argmax())
+            side = "positive" if want[i] > 0 else "negative"
+            raise AssertionError(
+                f"{case}: entry {i} ({side} half) should be {float(want[i]):.7f}, you have {float(got[i]):.7f}; "
+                f"hint: positive half Phi^-1 at linspace(offset, 0.5, {half + 1})[:-1], negative half -Phi^-1 at "
+                f"linspace(offset, 0.5, {half})[:-1] (a different spacing on each side), then divide by the largest"
+            )
+    return "correct: your NF table equals bitsandbytes' create_normal_map (lorakit.normal_float), within 1e-6"
+
+
+# ------------------------------------------------------------------ 04: blockwise NF4, two codes per byte
+def _nf4_cases() -> list[tuple[str, torch.Tensor, int]]:
+    g = torch.Generator().manual_seed(5)
+    return [
+        ("w (8, 64) float32, blocksize 64", torch.randn(8, 64, generator=g) * 0.02, 64),
+        ("w (3, 50) float32, blocksize 64", torch.randn(3, 50, generator=g), 64),
+        ("w (7, 9) float32, blocksize 16, an odd count of codes", torch.randn(7, 9, generator=g), 16),
+        (
+            "w (5, 33) bfloat16, blocksize 64, an odd count of codes",
+            (torch.randn(5, 33, generator=g) * 0.02).bfloat16(),
+            64,
+        ),
+    ]
+
+
+def check_quantize_nf4(fn: Callable[[torch.Tensor, int], tuple]) -> str:
+    """Build it (notebook 04): ``fn(w, blocksize) -> (packed, absmax)``, NF4 in blocks, two codes per byte.
+
+    ``packed``: ``(ceil(n / 2),)`` uint8 with the first code of each pair in the high nibble and, for an odd
+    count, the code of 0.0 (NF4: 7) as the last low nibble; ``absmax``: ``(ceil(n / blocksize),)`` float32.
+    Compared with ``lorakit.quantize_4bit(w, "nf4", blocksize)``, which is byte-identical to bitsandbytes.
+    """
+    table = codebook("nf", 4).double()  # (16,)
+    zero_code = int(table.abs().argmin())  # 7
+    cases = _nf4_cases()
+    for k, (text, w, blocksize) in enumerate(cases, 1):
+        n = w.numel()
+        case = f"case {k} of {len(cases)} ({text}: {_blocks_text(n, blocksize)})"
+        want_packed, state = quantize_4bit(w, "nf4", blocksize)
+        want_codes = unpack_codes(want_packed, 4, n).long()  # (n,)
+        packed, absmax = _unpack(fn(w.clone(), blocksize), ("packed", "absmax"), case)
+        packed = _tensor(packed, "packed", case).reshape(-1)
+        n_bytes = (n + 1) // 2
+        if packed.numel() == n:
+            raise AssertionError(f"{case}: {n} bytes for {n} codes: pack two 4-bit codes into each byte")
+        if packed.numel() == n // 2 and n % 2:
+            raise AssertionError(
+                f"{case}: {packed.numel()} bytes for an odd count of {n} codes: the last code is lost; it needs a "
+                f"byte of its own, ceil(n / 2) = {n_bytes} bytes (pad with 0.0 before packing)"
+            )
+        if packed.numel() != n_bytes:
+            raise AssertionError(f"{case}: expected ceil({n} / 2) = {n_bytes} bytes, got {packed.numel()}")
+        if packed.dtype != torch.uint8:
+            raise AssertionError(f"{case}: packed has dtype {packed.dtype}, expected torch.uint8 (0..255)")
+        _check_absmax(_tensor(absmax, "absmax", case), state.absmax, n, blocksize, case, w.reshape(-1).float())
+        high_first = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1).long()  # (2 * n_bytes,)
+        got = high_first[:n]
+        target = w.reshape(-1).double() / state.absmax.double().repeat_interleave(blocksize)[:n]  # (n,) in [-1, 1]
+        wrong = _farther(table[got], table[want_codes], target)
+        if wrong.any():
+            low_first = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1).long()[:n]
+            i = int(wrong.nonzero()[0])
+            if not _farther(table[low_first], table[want_codes], target).any():
+                hint = (
+                    "you put the first code in the low nibble; bitsandbytes (and lorakit) put it in the high one: "
+                    "(q[0::2] << 4) | q[1::2]"
+                )
+            elif w.dtype != torch.float32:
+                hint = f"w is {w.dtype}: convert it with .float() first, {w.dtype} rounds the scaled values"
+            else:
+                hint = (
+                    f"scale each block by its absmax, then take the index of the nearest NF4 value "
+                    f"(value {i} / absmax = {float(target[i]):.4f})"
+                )
+            raise AssertionError(
+                f"{case}: code {i} (byte {i // 2}, {'high' if i % 2 == 0 else 'low'} nibble) should be "
+                f"{int(want_codes[i])} (NF4 value {float(table[want_codes[i]]):.4f}), you stored {int(got[i])}; {hint}"
+            )
+        if n % 2 and int(high_first[-1]) != zero_code:
+            raise AssertionError(
+                f"{case}: the last byte's low nibble is padding; bitsandbytes pads the scaled values with 0.0 before "
+                f"looking up codes, so it holds the code of 0.0 ({zero_code} in NF4); you stored {int(high_first[-1])}"
+            )
+    return "correct: your packed NF4 bytes and absmax equal lorakit's quantize_4bit, and so bitsandbytes'"
+
+
+# ------------------------------------------------------------------ 04: double quantization
+def _double_quant_cases() -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(6)
+    weight = torch.randn(4000 * 64, generator=g) * 0.02
+    return [
+        ("512 constants, 2 full blocks of 256", torch.rand(512, generator=g) * 0.5 + 0.3),
+        ("300 constants: a full block of 256 and a partial block of 44", torch.rand(300, generator=g) + 0.1),
+        ("100 constants, fewer than one block", torch.rand(100, generator=g) * 0.1 + 0.05),
+        ("the 4000 absmax constants of a weight in blocks of 64", weight.view(-1, 64).abs().amax(dim=1)),
+    ]
+
+
+def check_double_quantize(fn: Callable[[torch.Tensor], tuple]) -> str:
+    """Build it (notebook 04): ``fn(absmax) -> (codes, offset, absmax2)``, double quantization (QLoRA section 3).
+
+    ``offset``: the mean of the constants; ``absmax - offset`` quantized in blocks of 256 to the 8-bit dynamic type
+    (``lorakit.dynamic_map()``): ``codes`` (n,) uint8, ``absmax2`` ``(ceil(n / 256),)`` float32. Compared with
+    ``lorakit.double_quant.quantize_absmax``; a code is accepted when it is as near to the scaled constant as
+    lorakit's (lorakit copies bitsandbytes' lookup table, which sometimes picks a neighbour of the nearest code).
+    """
+    table = dynamic_map().double()  # (256,)
+    cases = _double_quant_cases()
+    for k, (text, absmax) in enumerate(cases, 1):
+        n = absmax.numel()
+        case = f"case {k} of {len(cases)} ({text})"
+        want_codes, want_offset, state2 = quantize_absmax(absmax)
+        codes, offset, absmax2 = _unpack(fn(absmax.clone()), ("codes", "offset", "absmax2"), case)
+        codes, absmax2 = _tensor(codes, "codes", case).reshape(-1), _tensor(absmax2, "absmax2", case).reshape(-1)
+        if codes.numel() != n or codes.dtype != torch.uint8:
+            raise AssertionError(
+                f"{case}: codes must be {n} uint8 values, one per constant; got {codes.numel()} of {codes.dtype}"
+            )
+        offset = _scalar(offset, "offset", case)
+        mean = float(want_offset)
+        if not abs(offset - mean) <= 1e-6 * mean:
+            hint = "the minimum; bitsandbytes subtracts the mean" if abs(offset - float(absmax.min())) < 1e-9 else ""
+            hint = hint or "offset = absmax.mean(), subtracted before the second quantization"
+            raise AssertionError(f"{case}: expected offset {mean:.6g} (the mean constant), got {offset:.6g}; {hint}")
+        n_blocks = -(n // -ABSMAX_BLOCKSIZE)
+        if absmax2.numel() != n_blocks:
+            if absmax2.numel() == -(n // -64):
+                hint = "the second level uses blocks of 256 constants, not 64"
+            elif absmax2.numel() == n // ABSMAX_BLOCKSIZE:
+                hint = f"the partial last block of {n % ABSMAX_BLOCKSIZE} constants needs its own scale too"
+            else:
+                hint = "one float32 scale per block of 256 constants"
+            raise AssertionError(
+                f"{case}: expected ceil({n} / 256) = {n_blocks} second-level scales, got {absmax2.numel()}; {hint}"
+            )
+        want2 = state2.absmax.double()
+        if not torch.allclose(absmax2.double(), want2, rtol=1e-6, atol=0.0):
+            raw = torch.nn.functional.pad(absmax, (0, n_blocks * ABSMAX_BLOCKSIZE - n)).view(n_blocks, -1).amax(dim=1)
+            if torch.allclose(absmax2.double(), raw.double(), rtol=1e-6):
+                hint = "these are the raw constants' block absmax: subtract the offset first, then take the absmax"
+            else:
+                hint = "absmax2 = the largest magnitude of (absmax - offset) in each block of 256"
+            i = int((absmax2.double() - want2).abs().argmax())
+            raise AssertionError(
+                f"{case}: second-level scale {i} should be {float(want2[i]):.6g}, got {float(absmax2[i]):.6g}; {hint}"
+            )
+        target = (absmax.double() - mean) / want2.repeat_interleave(ABSMAX_BLOCKSIZE)[:n]  # (n,) in [-1, 1]
+        got = codes.long()
+        wrong = _farther(table[got], table[want_codes.long()], target)
+        if wrong.any():
+            i = int(wrong.nonzero()[0])
+            nearest = int((table - float(target[i])).abs().argmin())
+            raise AssertionError(
+                f"{case}: constant {i}: (absmax - offset) / absmax2 = {float(target[i]):.6f}, whose nearest "
+                f"dynamic_map() value is {float(table[nearest]):.6f} (code {nearest}); you stored code {int(got[i])} "
+                f"({float(table[got[i]]):.6f}); hint: scale by the block's absmax2, then the nearest code"
+            )
+    return "correct: offset = mean, blocks of 256 on the 8-bit dynamic type, as lorakit and bitsandbytes store them"
+
+
+# ------------------------------------------------------------------ 04: bits per parameter
+def check_bits_per_parameter_formula(fn: Callable[[int, int, bool], float]) -> str:
+    """Build it (notebook 04): ``fn(bits, blocksize, double_quant) -> bits per parameter`` of k-bit blockwise storage.
+
+    Compared, on several settings, with the figure measured from the byte sizes of a real quantized tensor
+    (``lorakit.quantization_tradeoff``); second-level blocks are 256 constants (QLoRA section 3).
+    """
+    settings = [(4, 64, False), (4, 64, True), (4, 256, True), (8, 64, False), (3, 128, True)]
+    for k, (bits, blocksize, double_quant) in enumerate(settings, 1):
+        case = f"case {k} of {len(settings)} (bits={bits}, blocksize={blocksize}, double_quant={double_quant})"
+        n = blocksize * ABSMAX_BLOCKSIZE * 4  # every level's blocks divide it
+        g = torch.Generator().manual_seed(k)
+        want = quantization_tradeoff(torch.randn(n, generator=g), "int", bits, blocksize, double_quant)
+        want = want.bits_per_parameter
+        got = _scalar(fn(bits, blocksize, double_quant), "the answer", case)
+        if abs(got - want) < 1e-6:
+            continue
+        if double_quant and abs(got - (bits + 32 / blocksize)) < 1e-6:
+            hint = "that is without double quantization; each block's constant is then an 8-bit code"
+        elif double_quant and abs(got - (bits + 8 / blocksize)) < 1e-6:
+            hint = "add the second-level float32 scales: 32 bits per 256 constants, 32 / (blocksize * 256)"
+        elif abs(got - bits) < 1e-6:
+            hint = "add the absmax constants: 32 bits per block, shared by blocksize weights"
+        else:
+            hint = "bits per code + bits of a block's constant / blocksize (+ 32 / (blocksize * 256) with double quant)"
+        raise AssertionError(f"{case}: measured {want:.6f} bits per parameter, you said {got:.6f}; {hint}")
+    return "correct: your formula matches the bytes of real quantized tensors on every setting"
