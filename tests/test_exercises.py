@@ -37,6 +37,14 @@ def test_check_reports_a_stub_as_not_solved_and_raises_on_a_wrong_answer(capsys)
         check(check_lora_param_count, lambda d_in, d_out, r: d_in * r)
 
 
+def test_check_leaves_the_notebooks_random_stream_alone(capsys):
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    check(check_lora_layer, LoRALinear)  # draws random weights and dropout masks
+    assert torch.equal(torch.rand(3), expected) and capsys.readouterr().out.startswith("correct")
+
+
 def test_an_error_in_the_learners_code_names_the_case():
     with pytest.raises(AssertionError, match=r"case x: \(3, 16\).*: your code raised RuntimeError: mat1 and mat2"):
         check_lora_forward(lambda x, W0, A, B, alpha, r: x @ W0.T + (alpha / r) * (x @ A @ B))  # A, B not transposed

@@ -28,9 +28,20 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob(NOTEBOOK_GLOB))
 STUDENT = ROOT / "student"
 
 # The smallest settings per notebook (names and values of its parameters cell) that keep its asserts true.
+# Measured (one thread, student edition): 01 12 s at its defaults, 9 s with these; 02 24 s, 18 s. Smaller still
+# (01: 1 step of 1 x 16 tokens; 02: 2 steps of 1 x 32 tokens, 4 held-out blocks) also passed, with less margin
+# on the asserted claims (dW closer to low rank than W0; the held-out perplexity goes down beyond the noise).
 OVERRIDES: dict[str, dict[str, object]] = {
-    "01_lora_from_scratch": {"FT_STEPS": 6, "SEQ_LEN": 64, "BATCH_SIZE": 2, "SLIDER_RANK": 16},
-    "02_lora_on_a_transformer": {"PEFT_STEPS": 1, "LATENCY_ROUNDS": 1, "LATENCY_REPEATS": 1},
+    "01_lora_from_scratch": {"FT_STEPS": 2, "BATCH_SIZE": 1, "SEQ_LEN": 32, "SLIDER_RANK": 4},
+    "02_lora_on_a_transformer": {
+        "STEPS": 4,
+        "PEFT_STEPS": 1,
+        "BATCH_SIZE": 2,
+        "SEQ_LEN": 32,
+        "VAL_BLOCKS": 8,
+        "LATENCY_ROUNDS": 1,
+        "LATENCY_REPEATS": 1,
+    },  # fmt: skip
 }
 
 CHECK_CALL = re.compile(r"^check\(", re.M)
