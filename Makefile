@@ -32,7 +32,7 @@ CHROMIUM_PATH := $(VENV)/.lorakit-chromium
 ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 PYTEST := OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest
 
-.PHONY: help install assets lab test unit slow lint notebooks browser chromium book env clean FORCE
+.PHONY: help install assets lab test unit slow lint notebooks browser chromium book student env clean FORCE
 
 help:
 	@echo "make lab        set up everything and start JupyterLab on notebooks/"
@@ -41,6 +41,7 @@ help:
 	@echo "make slow       the slow tests (those that load SmolLM2, build the book, run pyproject2conda)"
 	@echo "make lint       ruff check and ruff format --check"
 	@echo "make book       build the Jupyter Book into book/_build/html"
+	@echo "make student    the student edition (solutions cleared) into student/"
 	@echo "make env        regenerate environment.yml from pyproject.toml"
 
 $(PY):
@@ -135,8 +136,17 @@ browser: assets chromium
 
 test: lint unit slow notebooks browser
 
+# The book is built from a generated copy of book/ (lorakit.bookgen, into the gitignored book/_src): there each
+# "### Build it:" cell becomes a sphinx-exercise exercise and its solution a hidden one, and each `answer` cell
+# a hidden answer, so that the notebooks themselves hold no MyST directives. The HTML lands in book/_build/html.
 book: $(STAMP)
-	$(VENV)/bin/jupyter-book build book --warningiserror --keep-going
+	$(PY) -m lorakit.bookgen book book/_src
+	$(VENV)/bin/jupyter-book build book/_src --path-output book --warningiserror --keep-going
+
+# The student edition: every notebook with its solutions cleared by nbgrader's ClearSolutions, its answers and
+# outputs cleared (lorakit/student.py), into the gitignored student/. Hand out that folder.
+student: $(STAMP)
+	$(PY) -m lorakit.student --src notebooks --out student
 
 env: $(STAMP)
 	$(VENV)/bin/pyproject2conda project --overwrite force

@@ -1,5 +1,6 @@
 """The book: every notebook a chapter in teaching order, library source included (never pasted),
-and a build that fails on broken references. Two builds in all: the real book and a tiny broken one."""
+exercises with hidden solutions (sphinx-exercise, from the generated copy lorakit.bookgen writes), and a
+build that fails on broken references. Two builds in all: the real book and a tiny broken one."""
 
 from __future__ import annotations
 
@@ -29,17 +30,30 @@ def toc_files() -> list[str]:
     return re.findall(r"^\s*- file: (\S+)\s*$", (BOOK / "_toc.yml").read_text(), re.M)
 
 
+def make_book_recipe() -> list[str]:
+    """The two lines of `make book`: generate the source copy, then build it (read from the Makefile)."""
+    recipe = re.search(r"^book:.*\n\t(.*)\n\t(.*)$", (ROOT / "Makefile").read_text(), re.M)
+    assert recipe, "the Makefile's book rule should generate the source, then build it"
+    return [recipe.group(1), recipe.group(2)]
+
+
 def make_book_flags() -> list[str]:
-    """The flags `make book` passes to jupyter-book build, read from the Makefile (one source of truth)."""
-    recipe = re.search(r"^book:.*\n\t(.*jupyter-book build book(.*))$", (ROOT / "Makefile").read_text(), re.M)
-    assert recipe, "the Makefile's book rule should run `jupyter-book build book ...`"
-    return shlex.split(recipe.group(2))
+    """The flags `make book` passes to jupyter-book build after the source and output folders."""
+    generate, build_line = make_book_recipe()
+    assert "-m lorakit.bookgen book book/_src" in generate, generate
+    found = re.search(r"jupyter-book build book/_src --path-output book(.*)$", build_line)
+    assert found, f"the book rule should build the generated copy book/_src into book/_build: {build_line}"
+    return shlex.split(found.group(1))
 
 
 def build(book: Path, out: Path) -> subprocess.CompletedProcess:
+    """What `make book` does, into ``out``: generate the source copy (out/_src), then build it."""
+    from lorakit.bookgen import generate
+
+    source = generate(book, out / "_src")
     jb = Path(sys.executable).with_name("jupyter-book")
     return subprocess.run(
-        [str(jb), "build", str(book), "--path-output", str(out), *make_book_flags()], capture_output=True, text=True
+        [str(jb), "build", str(source), "--path-output", str(out), *make_book_flags()], capture_output=True, text=True
     )
 
 
@@ -121,7 +135,7 @@ def book_markdown() -> dict[str, str]:
     pages = {
         p.relative_to(BOOK).as_posix(): p.read_text()
         for p in BOOK.rglob("*.md")
-        if "_build" not in p.parts and p.parent.name != "notebooks"
+        if not {"_build", "_src"} & set(p.parts) and p.parent.name != "notebooks"
     }
     for name in NOTEBOOKS:
         cells = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())["cells"]
@@ -153,6 +167,16 @@ def stored_outputs(name: str) -> list[dict]:
     return [o.get("data", {}) for c in cells if c["cell_type"] == "code" for o in c["outputs"]]
 
 
+def build_it_cells(name: str) -> tuple[int, int, int]:
+    """(exercises, solution cells, answer cells) of a notebook: what the book shows as exercises and hides."""
+    cells = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())["cells"]
+    markdown = ["".join(c["source"]) for c in cells if c["cell_type"] == "markdown"]
+    exercises = sum(len(re.findall(r"^### Build it:", text, re.M)) for text in markdown)
+    solutions = sum("solution" in c["metadata"].get("tags", []) for c in cells)
+    answers = sum("answer" in c["metadata"].get("tags", []) for c in cells)
+    return exercises, solutions, answers
+
+
 def widget_outputs(name: str) -> tuple[int, int]:
     """(widget views without a picture, widget views with one) among a notebook's stored outputs."""
     views = [d for d in stored_outputs(name) if WIDGET_VIEW in d]
@@ -174,6 +198,18 @@ def test_book_builds_with_outputs_pictures_and_library_source(tmp_path):
         plots = sum("image/png" in d for d in stored_outputs(name))  # plots and controls' pictures
         assert page.count("<img") >= plots, f"{name}.html shows fewer images than its {plots} stored plots"
     assert sum(widget_outputs(name)[1] for name in NOTEBOOKS) >= 1  # at least the tradeoff control
+    for name in NOTEBOOKS:  # every "Build it" cell an exercise, its solution hidden (a dropdown), one click away
+        page = (html / "notebooks" / f"{name}.html").read_text()
+        exercises, solutions, answers = build_it_cells(name)
+        shown = len(re.findall(r'class="[^"]*\bexercise\b[^"]*\badmonition\b', page))
+        assert shown >= exercises, f"{name}.html: {shown} exercises, expected {exercises}"
+        hidden = len(re.findall(r'class="[^"]*\b(?:solution|admonition)\b[^"]*\bdropdown\b', page))
+        assert hidden >= solutions + answers, f"{name}.html: {hidden} hidden, expected {solutions} + {answers}"
+        assert "### BEGIN SOLUTION" not in page, f"{name}.html shows nbgrader's markers"
+        assert page.count("NotImplementedError") >= solutions, f"{name}.html: an exercise without its stub"
+    assert sum(build_it_cells(name)[0] for name in NOTEBOOKS) >= 2  # at least notebook 01's
+    teachers = re.sub(r"<[^>]+>", "", (html / "teachers.html").read_text())
+    assert "make student" in teachers and "lorakit.assets fetch" in teachers
     for page in SOURCE_PAGES:
         text = re.sub(r"<[^>]+>", "", (html / "source" / f"{page.stem}.html").read_text())
         for path, options in literalincludes(page):
@@ -201,3 +237,54 @@ def test_a_broken_reference_fails_the_build(tmp_path):
     for broken in ("no-such-label", "no_such_page", "lorakit.no_such_function", "no_such_object"):
         assert broken in log, f"the build did not report {broken}:\n{log[-3000:]}"
     assert "good-label" not in log and "index.md" not in log.replace("_toc", "")
+
+
+# ------------------------------------------------------------------ the generated source (lorakit.bookgen)
+def tiny_exercise_notebook():
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+    solution = 'def f(x):\n    """Twice x."""\n    ### BEGIN SOLUTION\n    return 2 * x\n    ### END SOLUTION'
+    return new_notebook(
+        cells=[
+            new_markdown_cell("### Build it: twice\n\nWrite `f`, with a code block:\n\n```python\nf(2)\n```"),
+            new_code_cell(solution, metadata={"tags": ["solution"]}),
+            new_code_cell("check(check_f, f)"),
+            new_markdown_cell("Some text first.\n\n### Build it: thrice\n\nNo solution cell follows."),
+            new_markdown_cell("**Predict.** What is f(3)?"),
+            new_markdown_cell("Six.", metadata={"tags": ["answer"]}),
+            new_markdown_cell("An answer without its question.", metadata={"tags": ["answer"]}),
+        ]
+    )
+
+
+def test_bookgen_turns_exercises_and_answers_into_sphinx_exercise_directives():
+    from lorakit.bookgen import book_notebook
+
+    teacher = tiny_exercise_notebook()
+    cells = [c.source for c in book_notebook(teacher, "01_x").cells]
+    exercise, start, code, end, check, text, second, question, answer, other = cells
+    assert exercise.startswith("````{exercise} Build it: twice\n:label: 01_x-build-1\n\nWrite `f`")
+    assert (
+        '```python\ndef f(x):\n    """Twice x."""\n    # YOUR CODE HERE\n    raise NotImplementedError()\n```'
+        in exercise
+    )
+    assert exercise.endswith("\n````")  # a longer fence than the code blocks inside
+    assert start == "```{solution-start} 01_x-build-1\n:class: dropdown\n```" and end == "```{solution-end}\n```"
+    assert code == 'def f(x):\n    """Twice x."""\n    return 2 * x'  # nbgrader's marker lines left out
+    assert check == "check(check_f, f)"
+    assert text == "Some text first." and second.startswith("```{exercise} Build it: thrice\n:label: 01_x-build-2\n")
+    assert question == "```{exercise} Predict\n:label: 01_x-question-1\n:nonumber:\n\nWhat is f(3)?\n```"
+    assert answer == "```{solution} 01_x-question-1\n:class: dropdown\n\nSix.\n```"
+    assert other == "```{admonition} Answer\n:class: dropdown\n\nAn answer without its question.\n```"
+    assert "### BEGIN SOLUTION" in teacher.cells[1].source  # the notebook itself is left as it was
+
+
+def test_the_generated_copy_keeps_every_literalinclude_pointing_at_the_same_source(tmp_path):
+    from lorakit.bookgen import generate
+
+    out = generate(BOOK, tmp_path / "deeper" / "_src")
+    for page in SOURCE_PAGES:
+        copied = out / "source" / page.name
+        assert [path for path, _ in literalincludes(copied)] == [path for path, _ in literalincludes(page)]
+    assert sorted(p.name for p in (out / "notebooks").glob("*.ipynb")) == [f"{n}.ipynb" for n in NOTEBOOKS]
+    assert (out / "_toc.yml").read_text() == (BOOK / "_toc.yml").read_text()

@@ -1,4 +1,4 @@
-"""Low-rank helpers, the GPT-3 arithmetic, the exercise checkers, the minimal training loop and the timing helpers."""
+"""Low-rank helpers, the GPT-3 arithmetic, the minimal training loop and the timing helpers."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from tiny_models import tiny_llama
 from torch import nn
 
 from lorakit import add_lora, count_parameters
-from lorakit.exercises import check_lora_forward, check_lora_param_count, check_merged_weight
 from lorakit.lowrank import (
     Gpt3LoRA,
     full_finetune_delta,
@@ -89,38 +88,6 @@ def test_full_finetune_delta_trains_one_weight_and_restores_the_model():
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match=r"'model.layers.0.self_attn' is a LlamaAttention, not an nn.Linear"):
         full_finetune_delta(model, "model.layers.0.self_attn", [batch], steps=1)
-
-
-# ---------------------------------------------------------------- exercise checkers
-
-
-def test_param_count_checker():
-    assert check_lora_param_count(lambda d_in, d_out, r: r * (d_in + d_out)).startswith("correct")
-    with pytest.raises(AssertionError, match="you counted the full weight W0"):
-        check_lora_param_count(lambda d_in, d_out, r: d_in * d_out)
-    with pytest.raises(AssertionError, match=r"you returned 16; hint: A is \(r, d_in\)"):
-        check_lora_param_count(lambda d_in, d_out, r: r * d_in)
-
-
-def test_forward_checker():
-    right = lambda x, W0, A, B, alpha, r: x @ W0.T + (alpha / r) * (x @ A.T @ B.T)  # noqa: E731
-    assert check_lora_forward(right).startswith("correct")
-    with pytest.raises(AssertionError, match="missing its scaling"):
-        check_lora_forward(lambda x, W0, A, B, alpha, r: x @ W0.T + x @ A.T @ B.T)
-    with pytest.raises(AssertionError, match="equals the base output"):
-        check_lora_forward(lambda x, W0, A, B, alpha, r: x @ W0.T)
-    with pytest.raises(AssertionError, match=r"differs from LoRALinear's"):
-        check_lora_forward(lambda x, W0, A, B, alpha, r: x @ W0.T + alpha * (x @ A.T @ B.T))
-    with pytest.raises(AssertionError, match=r"expected h: \(3, 16\), got \(16, 3\)"):
-        check_lora_forward(lambda x, W0, A, B, alpha, r: (x @ W0.T + (alpha / r) * (x @ A.T @ B.T)).T)
-
-
-def test_merge_checker():
-    assert check_merged_weight(lambda W0, A, B, alpha, r: W0 + (alpha / r) * B @ A).startswith("correct")
-    with pytest.raises(AssertionError, match=r"must be \(d_out, d_in\) = \(16, 16\), got \(16, 16, 1\)"):
-        check_merged_weight(lambda W0, A, B, alpha, r: (W0 + (alpha / r) * B @ A)[..., None])
-    with pytest.raises(AssertionError, match="differs from W0 \\+ \\(alpha / r\\) B A"):
-        check_merged_weight(lambda W0, A, B, alpha, r: W0 + B @ A)
 
 
 # ---------------------------------------------------------------- the training step
@@ -205,17 +172,3 @@ def test_first_step_update_alpha_over_r_shrinks_rslora_does_not():
     rs = {r: first_step_update(128, r, alpha=16, rslora=True) for r in (4, 16)}
     assert plain[16] / plain[4] == pytest.approx(0.5, rel=0.2)  # 1 / sqrt(16 / 4)
     assert rs[16] / rs[4] == pytest.approx(1.0, rel=0.2)
-
-
-def test_check_reports_a_stub_as_not_solved_and_raises_on_a_wrong_answer(capsys):
-    from lorakit.exercises import check
-
-    def stub(d_in, d_out, r):
-        raise NotImplementedError()
-
-    check(check_lora_param_count, stub)
-    assert capsys.readouterr().out.startswith("not solved yet: stub")
-    with pytest.raises(AssertionError, match="d_in=16, d_out=16, r=1"):
-        check(check_lora_param_count, lambda d_in, d_out, r: d_in * r)
-    check(check_lora_param_count, lambda d_in, d_out, r: r * (d_in + d_out))
-    assert capsys.readouterr().out.startswith("correct")
