@@ -152,4 +152,4 @@ env: $(STAMP)
 	$(VENV)/bin/pyproject2conda project --overwrite force
 
 clean:
-	rm -rf book/_build $(VENV)
+	rm -rf book/_build book/_src student $(VENV)

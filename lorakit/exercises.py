@@ -836,6 +836,8 @@ def check_bits_per_weight(fn: Callable[[int, int, int], float]) -> str:
             )
             raise AssertionError(f"{case}: expected {want:.4f} bits per weight, got {got!r}; {hint}")
     return f"correct: {quantized_bits_per_param(4, 128):.4f} bits per weight with blocks of 128"
+
+
 # --- notebook 09: beyond LoRA ---
 
 
@@ -929,6 +931,8 @@ def check_loftq_step(fn: Callable[..., tuple]) -> str:
                 f"{(scaling * B @ A - best).abs().max():.3g}; hint: B = U_r sqrt(S_r / s), A = sqrt(S_r / s) Vh_r"
             )
     return "correct: quantize what the adapter does not hold, then let the adapter hold the error's top-r part"
+
+
 # --- notebooks 03-04: quantization ---
 # The "Build it" checkers of notebook 03 (absmax int8 of one block, then blockwise absmax) and notebook 04 (the NF4
 # table, blockwise 4-bit codes packed two per byte, double quantization of the absmax constants, bits per parameter).
