@@ -105,7 +105,7 @@ def fake_variants() -> dict:
             matmul_dtype="bfloat16",
             timings=dict(linear_16bit=lat(0.0002), linear_4bit=lat(0.0015), dequantize_only=lat(0.0011)),
         ),
-        switch=dict(swap_seconds=0.03, reload_seconds=1.5, first_load_seconds=2.8, adapter_bytes=9.8 * MB),
+        switch=dict(swap_seconds=0.03, reload_seconds=1.5, load_seconds=2.8, adapter_bytes=9.8 * MB),
     )
 
 
@@ -705,3 +705,87 @@ def test_cli_tiny_real_run(tmp_path, capsys, monkeypatch):
     assert "held-out perplexity on 2 evenly spaced blocks" in (tmp_path / "lab.md").read_text()
     assert "| source | claim |" in capsys.readouterr().out
     assert len(made) == 1 and not Path(made[0]).exists()
+
+
+# -- notebook 10's exercises: the checkers pass the right answer and name the case of a wrong one ----------
+
+
+def _bootstrap(losses, resamples=1000, seed=0, confidence=0.95, *, replace=True, exp_mean=True, q=None, in_ppl=True):
+    import math
+
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    n = len(losses)
+    if replace:
+        picks = torch.randint(n, (resamples, n), generator=g)  # (R, N)
+    else:
+        picks = torch.stack([torch.randperm(n, generator=g) for _ in range(resamples)])  # (R, N)
+    means = losses[picks].mean(dim=1)  # (R,)
+    q = q or ((1 - confidence) / 2, (1 + confidence) / 2)
+    low, high = torch.quantile(means, torch.tensor(q, dtype=means.dtype)).tolist()
+    ppl = math.exp(losses.mean().item()) if exp_mean else losses.exp().mean().item()
+    return (ppl, math.exp(low), math.exp(high)) if in_ppl else (ppl, low, high)
+
+
+def test_check_bootstrap_perplexity():
+    from lorakit.exercises import check_bootstrap_perplexity
+
+    assert check_bootstrap_perplexity(_bootstrap).startswith("correct")
+    wrong = {
+        "you averaged exp\\(loss\\)": lambda x, **k: _bootstrap(x, **k, exp_mean=False),
+        "case 8 blocks: interval .* \\*with\\* replacement": lambda x, **k: _bootstrap(x, **k, replace=False),
+        "case 8 blocks: interval .* must be in perplexity": lambda x, **k: _bootstrap(x, **k, in_ppl=False),
+        "case 8 blocks: interval .* narrower than the 95% one": lambda x, **k: _bootstrap(x, **k, q=(0.05, 0.95)),
+        "case 8 blocks: interval .* torch.randint": lambda x, **k: _bootstrap(x, **{**k, "seed": k["seed"] + 1}),
+        "expected a tuple": lambda x, **k: _bootstrap(x, **k)[0],
+    }
+    for message, fn in wrong.items():
+        with pytest.raises(AssertionError, match=message):
+            check_bootstrap_perplexity(fn)
+
+
+def test_check_interval_order():
+    from lorakit.exercises import check_interval_order
+    from lorakit.lab.claims import interval_order
+
+    assert check_interval_order(interval_order).startswith("correct")
+
+    def by_centre(a, b):  # compares midpoints: orders overlapping intervals
+        ca, cb = sum(a) / 2, sum(b) / 2
+        return "lower" if ca < cb else "higher" if ca > cb else "overlap"
+
+    def strict(a, b):  # touching ends counted as ordered
+        return "lower" if a[1] <= b[0] else "higher" if a[0] >= b[1] else "overlap"
+
+    def lows_only(a, b):  # compares the low ends
+        return "lower" if a[0] < b[0] else "higher"
+
+    for fn, message in (
+        (by_centre, "case overlapping, a's centre lower: .* expected 'overlap', got 'lower'"),
+        (strict, "case touching ends: .* expected 'overlap', got 'lower'"),
+        (lows_only, "case overlapping, a's centre lower"),
+    ):
+        with pytest.raises(AssertionError, match=message):
+            check_interval_order(fn)
+    with pytest.raises(ValueError, match="low <= high"):
+        interval_order((2.0, 1.0), (0.0, 3.0))
+
+
+def test_lab_result_accessors():
+    runs = fake_runs()
+    runs["inference"]["ppl_ci"] = {k: [0.9 * v, 1.1 * v] for k, v in runs["inference"]["ppl"].items()}
+    for name in ("full", "lora", "qlora_nf4", "qlora_fp4"):
+        runs[name]["ppl_after_ci"] = [0.9 * runs[name]["ppl_after"], 1.1 * runs[name]["ppl_after"]]
+    runs["inference"]["paired"] = {"lora vs qlora": pair(1.01, 0.99, 1.03)}
+    lab = LabResult(claims=evaluate_claims(runs), runs=runs)
+    assert lab.perplexity("qlora") == dict(ppl=15.4, low=pytest.approx(0.9 * 15.4), high=pytest.approx(1.1 * 15.4))
+    assert lab.perplexity("q_v_only")["ppl"] == 15.6  # a variants-job run
+    assert lab.perplexity("qlora_fp4")["ppl"] == 16.0  # a training run, after training
+    assert lab.paired("lora vs qlora")["ratio"] == 1.01
+    assert lab.paired("q_v_only vs all_linear")["significant"]
+    with pytest.raises(KeyError, match="no perplexity named 'nope'; measured: full, lora"):
+        lab.perplexity("nope")
+    with pytest.raises(KeyError, match="no paired comparison"):
+        lab.paired("a vs b")
+    assert lab.verdict("The adapters themselves remain in bf16") == FAILS

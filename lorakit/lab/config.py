@@ -38,7 +38,7 @@ class LabConfig:
     page_kib: int = 1024  # PagedOptimizer page size
     page_budget_pages: int = 2  # pages of optimizer state allowed on the fast tier
     min_quality_steps: int = 100  # fewer steps than this: quality claims answer "depends"
-    sweep_ranks: tuple[int, ...] = (1, 32)  # LoRA ranks trained beside ``rank`` in the variants job
+    sweep_ranks: tuple[int, ...] = (1,)  # LoRA ranks trained beside ``rank`` in the variants job
     batch_budget_mb: int = 1000  # "larger batches": the largest batch whose training step fits this many MB
     variants: bool = True  # the variants job (targets, ranks, bf16 adapters, paging, 4-bit op, task switch)
     seed: int = 0

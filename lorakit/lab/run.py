@@ -104,7 +104,7 @@ def run_lab(
     plain = asdict(config)
     start = time.perf_counter()
     folder = Path(adapter_dir) if adapter_dir is not None else Path(tempfile.mkdtemp(prefix="lorakit-lab-"))
-    jobs = [*RUNS, "inference"] + (["variants"] if config.variants else [])
+    jobs = [*RUNS, "inference"]
     bar = tqdm(jobs, desc="lab", disable=not progress)
     runs: dict = {}
     try:
@@ -112,15 +112,15 @@ def run_lab(
             bar.set_postfix_str(job)
             if job == "inference":
                 adapters = {name: runs[name]["adapter_dir"] for name in ("lora", "qlora_nf4")}
-                runs[job] = call(inference_run, plain, adapters)
-            elif job == "variants":
-                runs[job] = call(variants_run, plain)
+                runs[job], runs["variants"] = call(inference_and_variants, plain, adapters)
             else:
                 runs[job] = call(train_run, job, plain, str(folder))
     finally:
         bar.close()
         if adapter_dir is None:
             shutil.rmtree(folder, ignore_errors=True)
+    if runs["variants"] is None:
+        del runs["variants"]
     for name in ("lora", "qlora_nf4", "qlora_fp4"):  # a folder path is no measurement (and may be temporary)
         runs[name].pop("adapter_dir", None)
     runs["estimates"] = scale_estimates()
@@ -135,6 +135,12 @@ def run_lab(
         seconds=round(time.perf_counter() - start, 1),
     )
     return LabResult(claims=evaluate_claims(runs), runs=runs)
+
+
+def inference_and_variants(settings: dict, adapters: dict[str, str]) -> tuple[dict, dict | None]:
+    """The inference job, then (``LabConfig.variants``) the variants job in the same process: one start saved."""
+    inference = inference_run(settings, adapters)
+    return inference, variants_run(settings) if settings.get("variants", True) else None
 
 
 def in_fresh_process(fn: Callable, *args):

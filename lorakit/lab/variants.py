@@ -251,6 +251,6 @@ def task_switch(model: torch.nn.Module, other: torch.nn.Module, config, load_sec
     return dict(
         swap_seconds=sorted(swaps)[len(swaps) // 2],
         reload_seconds=reload_seconds,
-        first_load_seconds=load_seconds,
+        load_seconds=load_seconds,
         adapter_bytes=size,
     )
