@@ -1472,3 +1472,86 @@ def check_bits_per_parameter_formula(fn: Callable[[int, int, bool], float]) -> s
             hint = "bits per code + bits of a block's constant / blocksize (+ 32 / (blocksize * 256) with double quant)"
         raise AssertionError(f"{case}: measured {want:.6f} bits per parameter, you said {got:.6f}; {hint}")
     return "correct: your formula matches the bytes of real quantized tensors on every setting"
+# --- notebook 10: the lab ---
+
+
+def _bootstrap_cases():
+    g = torch.Generator().manual_seed(10)
+    return [  # (name, losses, resamples, seed, confidence)
+        ("8 blocks", 4.8 + 0.4 * torch.randn(8, generator=g, dtype=torch.float64), 1000, 0, 0.95),
+        ("33 blocks, seed 3", 3.0 + torch.rand(33, generator=g, dtype=torch.float64), 500, 3, 0.95),
+        ("8 blocks at 90%", 4.8 + 0.4 * torch.randn(8, generator=g, dtype=torch.float64), 1000, 1, 0.90),
+        ("one block", torch.tensor([4.2], dtype=torch.float64), 200, 0, 0.95),
+    ]
+
+
+def check_bootstrap_perplexity(fn: Callable[..., tuple]) -> str:
+    """Exercise: ``fn(losses, resamples, seed, confidence)`` returns ``(ppl, low, high)``: ``exp`` of the mean
+    per-block loss and its percentile bootstrap interval, as :func:`lorakit.evaluation.perplexity_from_losses`."""
+    import math
+
+    from lorakit.evaluation import perplexity_from_losses
+
+    for name, losses, resamples, seed, confidence in _bootstrap_cases():
+        blocks = torch.zeros(len(losses), 4, dtype=torch.long)  # only their count matters here
+        want = perplexity_from_losses(losses, blocks, confidence=confidence, resamples=resamples, seed=seed)
+        got = fn(losses.clone(), resamples=resamples, seed=seed, confidence=confidence)
+        if not (isinstance(got, tuple) and len(got) == 3):
+            raise AssertionError(f"case {name}: expected a tuple (ppl, low, high), got {got!r}")
+        ppl, low, high = (float(x) for x in got)
+        mean_of_exp = float(losses.exp().mean())
+        if abs(ppl - want.ppl) > 1e-6 * want.ppl:
+            hint = (
+                "you averaged exp(loss); perplexity is exp of the mean loss"
+                if abs(ppl - mean_of_exp) < 1e-6 * mean_of_exp
+                else "ppl = exp(losses.mean())"
+            )
+            raise AssertionError(f"case {name}: perplexity expected {want.ppl:.4f}, got {ppl:.4f}; hint: {hint}")
+        if abs(low - want.low) > 1e-6 * want.ppl or abs(high - want.high) > 1e-6 * want.ppl:
+            if len(losses) > 1 and abs(high - low) < 1e-9:
+                hint = (
+                    "the interval has no width: resample the blocks *with* replacement (torch.randint), "
+                    "not as a permutation"
+                )
+            elif abs(low - math.log(want.low)) <= 1e-6 * abs(math.log(want.low)):
+                hint = "the interval must be in perplexity: exp() of the quantiles of the resampled mean losses"
+            elif high - low < 0.92 * (want.high - want.low):  # not a different draw: a few percent at most
+                hint = (
+                    f"your interval is narrower than the {confidence:.0%} one: the quantiles are "
+                    f"(1 - c) / 2 and (1 + c) / 2, here {(1 - confidence) / 2:g} and {(1 + confidence) / 2:g}"
+                )
+            else:
+                hint = (
+                    "draw the indices exactly as the task says, torch.randint(N, (resamples, N), "
+                    "generator=torch.Generator().manual_seed(seed)), and take torch.quantile of the resampled means"
+                )
+            raise AssertionError(
+                f"case {name}: interval expected {want.low:.4f} to {want.high:.4f}, got {low:.4f} to {high:.4f}; "
+                f"hint: {hint}"
+            )
+    return "correct: your bootstrap interval equals lorakit's (perplexity_from_losses) on every case"
+
+
+def check_interval_order(fn: Callable[[tuple, tuple], str]) -> str:
+    """Exercise: ``fn(a, b)`` for two intervals ``(low, high)`` returns ``"lower"``, ``"higher"`` or ``"overlap"``,
+    as :func:`lorakit.lab.claims.interval_order`."""
+    from lorakit.lab.claims import interval_order
+
+    cases = [
+        ("a wholly below b", (120.0, 130.0), (131.0, 140.0)),
+        ("a wholly above b", (150.0, 170.0), (120.0, 140.0)),
+        ("overlapping, a's centre lower", (100.0, 135.0), (130.0, 160.0)),
+        ("b inside a", (80.0, 220.0), (125.0, 135.0)),
+        ("touching ends", (120.0, 130.0), (130.0, 140.0)),
+        ("a single point inside b", (131.0, 131.0), (130.0, 140.0)),
+    ]
+    for name, a, b in cases:
+        want, got = interval_order(a, b), fn(a, b)
+        if got != want:
+            hint = {
+                "overlap": "two intervals that share any point (touching ends too) cannot order the two models",
+                "lower": "a lies wholly below b when a's high end is below b's low end",
+                "higher": "a lies wholly above b when a's low end is above b's high end",
+            }[want]
+            raise AssertionError(f"case {name}: a={a}, b={b}: expected {want!r}, got {got!r}; hint: {hint}")
+    return "correct: only intervals that do not touch order two models"

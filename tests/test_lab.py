@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.lab import CLAIMS, DEPENDS, FAILS, HOLDS, LabConfig, LabResult, evaluate_claims
+from lorakit.lab import CLAIMS, DEPENDS, FAILS, HOLDS, PARTLY, LabConfig, LabResult, evaluate_claims
 from lorakit.lab import claims as C
 from lorakit.lab.__main__ import main
 
@@ -53,6 +53,76 @@ def lat(seconds, spread=0.02):
     return dict(seconds=seconds, spread=spread)
 
 
+def pair(ratio, low, high):
+    return dict(ratio=ratio, low=low, high=high, significant=not low <= 1 <= high)
+
+
+def variant(ppl, trainable=4_884_480, rank=8, dtype="float32", **extra):
+    return dict(
+        ppl=ppl, low=0.8 * ppl, high=1.2 * ppl, trainable_params=trainable, rank=rank, adapter_dtype=dtype, **extra
+    )
+
+
+def fake_variants() -> dict:
+    """The variants job's measurements: q,v only worse, rank 1 as good, bf16 losing small updates, paging exact."""
+    return dict(
+        lr=2e-4,
+        steps=200,
+        rank=8,
+        alpha=16.0,
+        runs=dict(
+            all_linear=variant(15.0, losses=[3.0, 2.5]),
+            q_v_only=variant(15.6, trainable=921_600),
+            rank_1=variant(15.1, trainable=610_560, rank=1),
+            rank_32=variant(14.9, trainable=19_537_920, rank=32),
+            bf16_adapters=variant(15.02, dtype="bfloat16"),
+            paged_adamw=variant(
+                15.0,
+                losses=[3.0, 2.5],
+                page_bytes=256 * 1024,
+                paging=dict(page_ins=400, page_outs=399, bytes_in=10**8, bytes_out=10**8),
+            ),
+        ),
+        paired={
+            "q_v_only vs all_linear": pair(1.04, 1.02, 1.06),
+            "rank_1 vs all_linear": pair(1.007, 0.99, 1.02),
+            "rank_32 vs all_linear": pair(0.993, 0.98, 1.01),
+            "bf16_adapters vs all_linear": pair(1.001, 0.99, 1.01),
+            "paged_adamw vs all_linear": pair(1.0, 1.0, 1.0),
+            "all_linear vs base": pair(0.75, 0.7, 0.8),
+        },
+        update_rounding=[
+            dict(lr=2e-4, unmoved=0.0, relative_error=0.18),
+            dict(lr=2e-5, unmoved=0.81, relative_error=0.92),
+        ],
+        paging_loss_max_diff=0.0,
+        paging_adapter_max_diff=0.0,
+        four_bit_op=dict(
+            layer="model.layers.0.mlp.gate_proj",
+            shape=[1536, 576],
+            tokens=32,
+            input_dtype="bfloat16",
+            matmul_dtype="bfloat16",
+            timings=dict(linear_16bit=lat(0.0002), linear_4bit=lat(0.0015), dequantize_only=lat(0.0011)),
+        ),
+        switch=dict(swap_seconds=0.03, reload_seconds=1.5, load_seconds=2.8, adapter_bytes=9.8 * MB),
+    )
+
+
+def fake_rank_task() -> dict:
+    return dict(
+        task_rank=16,
+        dim=64,
+        steps=200,
+        ranks={
+            1: dict(residual=0.9375, floor=0.9375),
+            4: dict(residual=0.75, floor=0.75),
+            16: dict(residual=1e-7, floor=0.0),
+            32: dict(residual=1e-7, floor=0.0),
+        },
+    )
+
+
 def fake_runs(steps=200) -> dict:
     """Plausible measurements of a long CPU run, every claim answerable from them."""
     lora_led = ledger(540 * MB, 20 * MB, 39 * MB, 150 * MB, peak_rss=1200 * MB)
@@ -67,6 +137,7 @@ def fake_runs(steps=200) -> dict:
             seq_len=64,
             eval_blocks=8,
             seed=0,
+            batch_budget_mb=1000,
             device="cpu",
             dtype="float32",
             device_name="CPU",
@@ -153,7 +224,10 @@ def fake_runs(steps=200) -> dict:
                 lora_bytes=3.4933e11,
             ),
             deploy={"7B": dict(four_bit=3.87e9, sixteen_bit=13.48e9)},
+            largest_batch_24gb=dict(lora=3, qlora=6),
         ),
+        "variants": fake_variants(),
+        "rank_task": fake_rank_task(),
     }
 
 
@@ -203,6 +277,8 @@ def test_every_claim_answers_from_measurements():
         assert row["measured"] and row["why"]
         if claim.estimated:
             assert row["measured"].startswith("estimated, not measured"), row
+        if claim.cited:
+            assert row["measured"].startswith("cited, not measured"), row
 
 
 def test_finding_refuses_an_unknown_verdict():
@@ -256,7 +332,7 @@ def test_training_speed_claims(qlora_step, slight, typical):
     assert C.slower_20_30(runs).verdict == typical
 
 
-@pytest.mark.parametrize("full_step, verdict", [(2.6, FAILS), (6.0, HOLDS), (12.0, FAILS)])
+@pytest.mark.parametrize("full_step, verdict", [(2.6, FAILS), (4.65, FAILS), (6.0, HOLDS), (12.0, FAILS)])
 def test_lora_two_to_three_times_faster(full_step, verdict):
     assert C.lora_faster_than_full(with_(fake_runs(), "full.step_seconds", full_step)).verdict == verdict
 
@@ -351,9 +427,118 @@ def test_nf4_and_double_quantization_noise():
     runs = fake_runs()
     assert C.nf4_for_normal(runs).verdict == HOLDS
     assert C.nf4_for_normal(with_(runs, "qlora_fp4.ppl_before", 20.5)).verdict == FAILS
-    assert C.noise_mitigated(runs).verdict == FAILS  # double quantization adds a little error
+    assert C.noise_mitigated(runs).verdict == PARTLY  # NF4 helps; double quantization adds a little error
+    assert "the NF4 half holds" in C.noise_mitigated(runs).why
     assert C.noise_mitigated(with_(runs, "inference.ppl.base_nf4", 21.2)).verdict == HOLDS
     assert C.noise_mitigated(with_(runs, "qlora_fp4.ppl_before", 20.5)).verdict == FAILS
+    both = with_(with_(runs, "qlora_fp4.ppl_before", 20.5), "inference.ppl.base_nf4", 21.2)
+    assert C.noise_mitigated(both).verdict == PARTLY  # double quantization helps, NF4 does not
+
+
+# -- the claims the variants job makes testable ------------------------------------------------------
+
+
+def test_attention_only_against_all_linear():
+    runs = fake_runs()
+    assert C.attention_only(runs).verdict == FAILS  # q,v only worse, outside the noise (QLoRA section 4)
+    assert "QLoRA section 4" in C.attention_only(runs).why
+    assert C.attention_only(with_(runs, "variants.paired.q_v_only vs all_linear", pair(1.01, 0.99, 1.03))).verdict == (
+        HOLDS
+    )
+    assert C.attention_only(fake_runs(steps=6)).verdict == DEPENDS  # too few steps
+    assert C.attention_only(with_(runs, "variants", None)).verdict == DEPENDS  # not measured
+
+
+def test_rank_too_low():
+    runs = fake_runs()
+    found = C.rank_too_low(runs)
+    assert found.verdict == HOLDS and "Eckart-Young" in found.why
+    assert "r=1 15.10" in found.measured
+    fitted = with_(runs, "rank_task.ranks.4", dict(residual=0.01, floor=0.75))  # a low rank fitted a rank-16 update
+    assert C.rank_too_low(fitted).verdict == FAILS
+    stuck = with_(runs, "rank_task.ranks.16", dict(residual=0.2, floor=0.0))  # a high enough rank did not fit
+    assert C.rank_too_low(stuck).verdict == FAILS
+
+
+def test_bf16_adapters():
+    runs = fake_runs()
+    assert C.bf16_adapters(runs).verdict == FAILS  # 81% of a small update rounded away
+    precise = with_(runs, "variants.update_rounding", [dict(lr=2e-4, unmoved=0.0, relative_error=0.2)])
+    assert C.bf16_adapters(precise).verdict == DEPENDS  # as good, few updates lost: a memory choice
+    worse = with_(precise, "variants.paired.bf16_adapters vs all_linear", pair(1.05, 1.02, 1.08))
+    assert C.bf16_adapters(worse).verdict == FAILS
+    better = with_(precise, "variants.paired.bf16_adapters vs all_linear", pair(0.95, 0.92, 0.98))
+    assert C.bf16_adapters(better).verdict == HOLDS
+
+
+def test_paging_keeps_quality():
+    runs = fake_runs()
+    found = C.paging_keeps_quality(runs)
+    assert found.verdict == PARTLY and "bit-identical" in found.why
+    assert C.paging_keeps_quality(with_(runs, "variants.paging_loss_max_diff", 1e-8)).verdict == PARTLY
+    assert C.paging_keeps_quality(with_(runs, "variants.paging_loss_max_diff", 1e-3)).verdict == FAILS
+    assert C.nf4_and_paging_quality(runs).verdict == PARTLY
+    assert C.nf4_and_paging_quality(with_(runs, "qlora_fp4.ppl_before", 20.5)).verdict == FAILS
+
+
+def test_larger_batches():
+    runs = fake_runs()
+    # 1,000 MB budget: LoRA 540 + 20 + 39 fixed, 75 MB a sequence -> 5; QLoRA 170 + 20 + 39 -> 10
+    assert (C.largest_batch_measured(runs, "lora"), C.largest_batch_measured(runs, "qlora_nf4")) == (5, 10)
+    assert C.larger_batches(runs).verdict == HOLDS
+    same = with_(runs, "qlora_nf4.ledger", runs["lora"]["ledger"])
+    assert C.larger_batches(with_(same, "estimates.largest_batch_24gb", dict(lora=3, qlora=3))).verdict == FAILS
+    assert C.larger_batches(same).verdict == DEPENDS  # the ledger and the 7B estimate disagree
+    assert C.largest_batch_measured(with_(runs, "settings.batch_budget_mb", 100), "lora") == 0
+
+
+def test_four_bit_math_and_runtime_dequantization():
+    runs = fake_runs()
+    found = C.four_bit_math(runs)
+    assert found.verdict == FAILS and "bfloat16" in found.why
+    faster = with_(runs, "variants.four_bit_op.timings.linear_4bit", lat(0.0001))
+    assert C.four_bit_math(faster).verdict == HOLDS
+    assert C.runtime_dequant_baseline(runs).verdict == DEPENDS  # merged: baseline; every forward: 3.2x
+    assert C.runtime_dequant_baseline(with_(runs, "inference.latency.qlora_unmerged", lat(0.105))).verdict == HOLDS
+    assert C.runtime_dequant_baseline(with_(runs, "inference.latency.qlora_merged", lat(0.2))).verdict == FAILS
+
+
+def test_task_switching():
+    runs = fake_runs()
+    assert C.task_switching(runs).verdict == HOLDS  # 50x
+    assert C.task_switching(with_(runs, "variants.switch.swap_seconds", 0.5)).verdict == FAILS
+
+
+def test_cited_claims_against_the_papers_figures():
+    runs = fake_runs()
+    found = C.guanaco_vs_gpt4(runs)
+    assert found.verdict == FAILS and "99.3% of *ChatGPT*" in found.why and "114.5%" in found.measured
+    matched = dict(C.QLORA_PAPER, vicuna_pct_of_chatgpt={"GPT-4": 100.0, "Guanaco 65B, 4-bit": 99.3})
+    assert C.guanaco_vs_gpt4({**runs, "paper": matched}).verdict == HOLDS
+    found = C.no_accuracy_drop(runs)
+    assert found.verdict == FAILS and "0.8 points" in found.why
+    no_drop = dict(C.QLORA_PAPER, mmlu_5shot_mean={"BFloat16": 53.0, "Float4": 53.0, "NFloat4 + DQ": 53.1})
+    assert C.no_accuracy_drop({**runs, "paper": no_drop}).verdict == HOLDS
+
+
+def test_rank_task_reaches_the_eckart_young_floor():
+    from lorakit.lab.variants import rank_task
+
+    task = rank_task(task_rank=4, dim=16, ranks=(1, 2, 4, 8), steps=300)
+    for r, x in task["ranks"].items():
+        assert x["floor"] == max(0, 4 - r) / 4
+        assert x["residual"] == pytest.approx(x["floor"], abs=1e-3), r
+
+
+def test_update_rounding_in_bf16():
+    import torch
+
+    from lorakit.lab.variants import update_rounding
+
+    a = torch.full((4, 64), 0.03)  # bfloat16's spacing near 0.03 is 2**-13 = 1.2e-4
+    assert update_rounding(a, 2e-4)["unmoved"] == 0.0
+    assert update_rounding(a, 2e-5)["unmoved"] == 1.0  # under half the spacing: rounded away
+    assert update_rounding(a, 2e-5, dtype=torch.float32)["unmoved"] == 0.0
 
 
 # -- the report ------------------------------------------------------------------------------------
@@ -397,6 +582,9 @@ def test_markdown_escapes_pipes():
         ("train_blocks", 1, r"LabConfig.train_blocks=1 is fewer than one batch of 2"),
         ("spike_seq_len", -1, r"LabConfig.spike_seq_len=-1 is not valid"),
         ("device", "gpu0", r"LabConfig.device='gpu0' is not a torch device"),
+        ("sweep_ranks", (1, 500), r"LabConfig.sweep_ranks=\(1, 500\) is not valid; give ranks from 1 to 192"),
+        ("sweep_ranks", (), r"LabConfig.sweep_ranks=\(\) is not valid"),
+        ("batch_budget_mb", 0, r"LabConfig.batch_budget_mb=0 is not valid"),
     ],
 )
 def test_config_errors_name_the_setting(field, value, message):
@@ -419,6 +607,7 @@ def test_full_settings_are_longer_and_reach_a_quality_verdict():
         (["--seq-len", "4"], "LabConfig.seq_len=4 is not valid"),
         (["--bogus"], "unrecognized arguments: --bogus"),
         (["--device", "gpu0"], "LabConfig.device='gpu0' is not a torch device"),
+        (["--sweep-ranks", "1", "500"], "LabConfig.sweep_ranks=(1, 500) is not valid"),
     ],
 )
 def test_cli_argument_errors_exit_2(argv, message, capsys):
@@ -466,6 +655,8 @@ def test_cli_tiny_real_run(tmp_path, capsys, monkeypatch):
                 "1",
                 "--latency-repeats",
                 "1",
+                "--sweep-ranks",
+                "2",
                 "--in-process",
                 "--no-progress",
                 "--json",
@@ -503,6 +694,98 @@ def test_cli_tiny_real_run(tmp_path, capsys, monkeypatch):
     pair = inference["paired"]["lora_then_nf4_adapter vs qlora"]
     assert pair["ratio"] == pytest.approx(inference["ppl"]["lora_then_nf4_adapter"] / inference["ppl"]["qlora"])
     assert pair["significant"] == (not pair["low"] <= 1 <= pair["high"])
+    variants = runs["variants"]
+    assert set(variants["runs"]) == {"all_linear", "q_v_only", "rank_2", "bf16_adapters", "paged_adamw"}
+    assert variants["runs"]["q_v_only"]["trainable_params"] < variants["runs"]["all_linear"]["trainable_params"]
+    assert variants["runs"]["bf16_adapters"]["adapter_dtype"] == "bfloat16"
+    assert variants["runs"]["paged_adamw"]["paging"]["page_ins"] > 0
+    assert variants["paging_loss_max_diff"] <= 1e-6  # paging moves the state, not the update
+    assert variants["four_bit_op"]["matmul_dtype"] == runs["settings"]["dtype"]  # 4-bit storage, 16-bit math
+    assert runs["estimates"]["largest_batch_24gb"]["qlora"] > runs["estimates"]["largest_batch_24gb"]["lora"]
     assert "held-out perplexity on 2 evenly spaced blocks" in (tmp_path / "lab.md").read_text()
     assert "| source | claim |" in capsys.readouterr().out
     assert len(made) == 1 and not Path(made[0]).exists()
+
+
+# -- notebook 10's exercises: the checkers pass the right answer and name the case of a wrong one ----------
+
+
+def _bootstrap(losses, resamples=1000, seed=0, confidence=0.95, *, replace=True, exp_mean=True, q=None, in_ppl=True):
+    import math
+
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    n = len(losses)
+    if replace:
+        picks = torch.randint(n, (resamples, n), generator=g)  # (R, N)
+    else:
+        picks = torch.stack([torch.randperm(n, generator=g) for _ in range(resamples)])  # (R, N)
+    means = losses[picks].mean(dim=1)  # (R,)
+    q = q or ((1 - confidence) / 2, (1 + confidence) / 2)
+    low, high = torch.quantile(means, torch.tensor(q, dtype=means.dtype)).tolist()
+    ppl = math.exp(losses.mean().item()) if exp_mean else losses.exp().mean().item()
+    return (ppl, math.exp(low), math.exp(high)) if in_ppl else (ppl, low, high)
+
+
+def test_check_bootstrap_perplexity():
+    from lorakit.exercises import check_bootstrap_perplexity
+
+    assert check_bootstrap_perplexity(_bootstrap).startswith("correct")
+    wrong = {
+        "you averaged exp\\(loss\\)": lambda x, **k: _bootstrap(x, **k, exp_mean=False),
+        "case 8 blocks: interval .* \\*with\\* replacement": lambda x, **k: _bootstrap(x, **k, replace=False),
+        "case 8 blocks: interval .* must be in perplexity": lambda x, **k: _bootstrap(x, **k, in_ppl=False),
+        "case 8 blocks: interval .* narrower than the 95% one": lambda x, **k: _bootstrap(x, **k, q=(0.05, 0.95)),
+        "case 8 blocks: interval .* torch.randint": lambda x, **k: _bootstrap(x, **{**k, "seed": k["seed"] + 1}),
+        "expected a tuple": lambda x, **k: _bootstrap(x, **k)[0],
+    }
+    for message, fn in wrong.items():
+        with pytest.raises(AssertionError, match=message):
+            check_bootstrap_perplexity(fn)
+
+
+def test_check_interval_order():
+    from lorakit.exercises import check_interval_order
+    from lorakit.lab.claims import interval_order
+
+    assert check_interval_order(interval_order).startswith("correct")
+
+    def by_centre(a, b):  # compares midpoints: orders overlapping intervals
+        ca, cb = sum(a) / 2, sum(b) / 2
+        return "lower" if ca < cb else "higher" if ca > cb else "overlap"
+
+    def strict(a, b):  # touching ends counted as ordered
+        return "lower" if a[1] <= b[0] else "higher" if a[0] >= b[1] else "overlap"
+
+    def lows_only(a, b):  # compares the low ends
+        return "lower" if a[0] < b[0] else "higher"
+
+    for fn, message in (
+        (by_centre, "case overlapping, a's centre lower: .* expected 'overlap', got 'lower'"),
+        (strict, "case touching ends: .* expected 'overlap', got 'lower'"),
+        (lows_only, "case overlapping, a's centre lower"),
+    ):
+        with pytest.raises(AssertionError, match=message):
+            check_interval_order(fn)
+    with pytest.raises(ValueError, match="low <= high"):
+        interval_order((2.0, 1.0), (0.0, 3.0))
+
+
+def test_lab_result_accessors():
+    runs = fake_runs()
+    runs["inference"]["ppl_ci"] = {k: [0.9 * v, 1.1 * v] for k, v in runs["inference"]["ppl"].items()}
+    for name in ("full", "lora", "qlora_nf4", "qlora_fp4"):
+        runs[name]["ppl_after_ci"] = [0.9 * runs[name]["ppl_after"], 1.1 * runs[name]["ppl_after"]]
+    runs["inference"]["paired"] = {"lora vs qlora": pair(1.01, 0.99, 1.03)}
+    lab = LabResult(claims=evaluate_claims(runs), runs=runs)
+    assert lab.perplexity("qlora") == dict(ppl=15.4, low=pytest.approx(0.9 * 15.4), high=pytest.approx(1.1 * 15.4))
+    assert lab.perplexity("q_v_only")["ppl"] == 15.6  # a variants-job run
+    assert lab.perplexity("qlora_fp4")["ppl"] == 16.0  # a training run, after training
+    assert lab.paired("lora vs qlora")["ratio"] == 1.01
+    assert lab.paired("q_v_only vs all_linear")["significant"]
+    with pytest.raises(KeyError, match="no perplexity named 'nope'; measured: full, lora"):
+        lab.perplexity("nope")
+    with pytest.raises(KeyError, match="no paired comparison"):
+        lab.paired("a vs b")
+    assert lab.verdict("The adapters themselves remain in bf16") == FAILS

@@ -42,6 +42,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-rounds", type=_positive_int, help="interleaved timing rounds of the latency measurement")
     p.add_argument("--latency-repeats", type=_positive_int, help="forward passes per model per round")
     p.add_argument("--spike-seq-len", type=int, help="tokens of the long batch in the paging measurement (0: skip)")
+    p.add_argument(
+        "--sweep-ranks",
+        type=_positive_int,
+        nargs="+",
+        metavar="R",
+        help=f"LoRA ranks trained beside --rank in the variants job (quick: {' '.join(map(str, quick.sweep_ranks))})",
+    )
+    p.add_argument(
+        "--batch-budget-mb", type=_positive_int, help="memory budget of the 'larger batches' claim, in MB (10^6 bytes)"
+    )
+    p.add_argument(
+        "--no-variants",
+        action="store_true",
+        help="skip the variants job (targets, ranks, bf16 adapters, paging, 4-bit op, task switch)",
+    )
     p.add_argument("--device", help="cpu, cuda, ... (default: CUDA when there is one)")
     p.add_argument(
         "--in-process",
@@ -64,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if a.in_process:
         overrides["isolate"] = False
+    if a.no_variants:
+        overrides["variants"] = False
+    if a.sweep_ranks:
+        overrides["sweep_ranks"] = tuple(a.sweep_ranks)
     try:
         config = LabConfig(**{**config.__dict__, **overrides})
         config.validate()

@@ -38,6 +38,9 @@ class LabConfig:
     page_kib: int = 1024  # PagedOptimizer page size
     page_budget_pages: int = 2  # pages of optimizer state allowed on the fast tier
     min_quality_steps: int = 100  # fewer steps than this: quality claims answer "depends"
+    sweep_ranks: tuple[int, ...] = (1,)  # LoRA ranks trained beside ``rank`` in the variants job
+    batch_budget_mb: int = 1000  # "larger batches": the largest batch whose training step fits this many MB
+    variants: bool = True  # the variants job (targets, ranks, bf16 adapters, paging, 4-bit op, task switch)
     seed: int = 0
     corpus: str = "shakespeare"
     model: str = DEFAULT_MODEL
@@ -57,6 +60,8 @@ class LabConfig:
             latency_rounds=7,
             latency_repeats=5,
             spike_seq_len=2048,
+            sweep_ranks=(1, 4, 32, 64),
+            batch_budget_mb=4000,
         )
         return cls(**{**settings, **overrides})
 
@@ -88,6 +93,21 @@ class LabConfig:
             raise ValueError(
                 f"LabConfig.train_blocks={self.train_blocks} is fewer than one batch of "
                 f"{self.batch_size}; raise it (or None for the whole training split)"
+            )
+        if not self.sweep_ranks or not all(
+            isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= 192 for r in self.sweep_ranks
+        ):
+            raise ValueError(
+                f"LabConfig.sweep_ranks={self.sweep_ranks!r} is not valid; give ranks from 1 to 192 "
+                "(SmolLM2's smallest projection, k_proj and v_proj, has 192 outputs)"
+            )
+        if (
+            isinstance(self.batch_budget_mb, bool)
+            or not isinstance(self.batch_budget_mb, int)
+            or self.batch_budget_mb < 1
+        ):
+            raise ValueError(
+                f"LabConfig.batch_budget_mb={self.batch_budget_mb!r} is not valid; use a positive number of MB"
             )
         if self.spike_seq_len < 0:
             raise ValueError(f"LabConfig.spike_seq_len={self.spike_seq_len} is not valid; use 0 (skip) or a length")

@@ -25,6 +25,7 @@ from lorakit.lab.claims import evaluate_claims, markdown_table
 from lorakit.lab.config import RUNS, LabConfig, device_and_dtype
 from lorakit.lab.inference import inference_run
 from lorakit.lab.measure import train_run
+from lorakit.lab.variants import rank_task, variants_run
 from lorakit.lowrank import Gpt3LoRA
 from lorakit.memory import LLAMA, QLORA_PAPER_SETTING, check_fit, estimate_memory
 
@@ -56,6 +57,31 @@ class LabResult:
                 return row["verdict"]
         raise KeyError(f"no claim starts with {claim_start!r}")
 
+    def perplexity(self, name: str) -> dict:
+        """``{ppl, low, high}`` of a measured model by name: a training run (after training, ``"lora"``), an
+        inference-job model (``"lora_then_nf4_adapter"``) or a variants-job run (``"q_v_only"``)."""
+        inf = self.runs["inference"]
+        if name in inf["ppl"]:
+            low, high = inf["ppl_ci"][name]
+            return dict(ppl=inf["ppl"][name], low=low, high=high)
+        variants = self.runs.get("variants") or {"runs": {}}
+        if name in variants["runs"]:
+            r = variants["runs"][name]
+            return dict(ppl=r["ppl"], low=r["low"], high=r["high"])
+        if name in RUNS:
+            low, high = self.runs[name]["ppl_after_ci"]
+            return dict(ppl=self.runs[name]["ppl_after"], low=low, high=high)
+        known = [*RUNS, *inf["ppl"], *variants["runs"]]
+        raise KeyError(f"no perplexity named {name!r}; measured: {', '.join(known)}")
+
+    def paired(self, key: str) -> dict:
+        """The paired comparison ``"after vs before"`` (``{ratio, low, high, significant}``) of either job."""
+        for job in ("inference", "variants"):
+            pairs = (self.runs.get(job) or {}).get("paired", {})
+            if key in pairs:
+                return pairs[key]
+        raise KeyError(f"no paired comparison {key!r}")
+
     def write_json(self, path: str | os.PathLike) -> Path:
         return atomic_write_json(path, self.to_dict())
 
@@ -86,16 +112,19 @@ def run_lab(
             bar.set_postfix_str(job)
             if job == "inference":
                 adapters = {name: runs[name]["adapter_dir"] for name in ("lora", "qlora_nf4")}
-                runs[job] = call(inference_run, plain, adapters)
+                runs[job], runs["variants"] = call(inference_and_variants, plain, adapters)
             else:
                 runs[job] = call(train_run, job, plain, str(folder))
     finally:
         bar.close()
         if adapter_dir is None:
             shutil.rmtree(folder, ignore_errors=True)
+    if runs["variants"] is None:
+        del runs["variants"]
     for name in ("lora", "qlora_nf4", "qlora_fp4"):  # a folder path is no measurement (and may be temporary)
         runs[name].pop("adapter_dir", None)
     runs["estimates"] = scale_estimates()
+    runs["rank_task"] = rank_task(seed=config.seed)
     runs["settings"] = dict(
         plain,
         device=str(device),
@@ -106,6 +135,12 @@ def run_lab(
         seconds=round(time.perf_counter() - start, 1),
     )
     return LabResult(claims=evaluate_claims(runs), runs=runs)
+
+
+def inference_and_variants(settings: dict, adapters: dict[str, str]) -> tuple[dict, dict | None]:
+    """The inference job, then (``LabConfig.variants``) the variants job in the same process: one start saved."""
+    inference = inference_run(settings, adapters)
+    return inference, variants_run(settings) if settings.get("variants", True) else None
 
 
 def in_fresh_process(fn: Callable, *args):
@@ -147,4 +182,24 @@ def scale_estimates() -> dict:
             lora_bytes=gpt3.training_bytes(lora=True),
         ),
         deploy=deploy,
+        largest_batch_24gb={method: largest_batch(24, "7B", method, seq_len=512) for method in ("lora", "qlora")},
     )
+
+
+def largest_batch(gpu_gb: float, size: str, method: str, seq_len: int = 512, limit: int = 4096) -> int:
+    """The largest batch of ``seq_len``-token sequences whose training step the estimator fits in ``gpu_gb``
+    (r=64 on every linear layer, AdamW, no gradient checkpointing); 0 when not even one fits."""
+
+    def fits(batch: int) -> bool:
+        return check_fit(gpu_gb, model=size, method=method, rank=64, batch_size=batch, seq_len=seq_len).fits
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, 2 * high
+    high = min(high, limit + 1)
+    while high - low > 1:  # fits(low) and not fits(high)
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
