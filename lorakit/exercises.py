@@ -1472,6 +1472,8 @@ def check_bits_per_parameter_formula(fn: Callable[[int, int, bool], float]) -> s
             hint = "bits per code + bits of a block's constant / blocksize (+ 32 / (blocksize * 256) with double quant)"
         raise AssertionError(f"{case}: measured {want:.6f} bits per parameter, you said {got:.6f}; {hint}")
     return "correct: your formula matches the bytes of real quantized tensors on every setting"
+
+
 # --- notebook 10: the lab ---
 
 

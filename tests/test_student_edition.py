@@ -48,6 +48,16 @@ OVERRIDES: dict[str, dict[str, object]] = {
     "05_memory_and_paged_optimizers": {"TIMING_STEPS": 1},
     "06_qlora_finetune": {"SHORT_STEPS": 1, "DTYPE_ROUNDS": 1},
     "09_beyond_lora": {"STEPS": 1, "EVAL_BLOCKS": 2, "BITS": (4, 2), "RANKS": (2, 8), "LRS": (1e-3,)},
+    "10_lora_vs_qlora_lab": {  # 80 s, most of it process starts
+        "STEPS": 2,
+        "BATCH_SIZE": 2,
+        "SEQ_LEN": 32,
+        "TRAIN_BLOCKS": 4,
+        "EVAL_BLOCKS": 4,
+        "LATENCY_TOKENS": 16,
+        "SPIKE_SEQ_LEN": 64,
+        "SWEEP_RANKS": (2,),
+    },
 }
 
 CHECK_CALL = re.compile(r"^check\(", re.M)
