@@ -229,3 +229,36 @@ def test_answer_accuracy_equals_greedy_generation_on_a_tiny_model():
         stopped.append(out[0, -1].item() == tokenizer.eos_token_id and e.answer != "x")
     assert list(acc.hits[::2]) == stopped
     assert not any(acc.hits[1::2])
+
+
+def test_chat_session_and_control_without_a_browser():
+    from tiny_models import tiny_llama
+
+    from lorakit.chat_session import ChatSession
+    from lorakit.widgets.chat import ChatControl, chat_figure, mask_html
+
+    tokenizer = tiny_chat_tokenizer("chatml")
+    model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256)
+    session = ChatSession(model, tokenizer, system="Be brief.", max_new_tokens=5)
+    first = session.send("Hello!")
+    second = session.send("How are you?")
+    assert [m["role"] for m in session.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert session.messages[2]["content"] == (first or "(no reply)")
+    assert session.context().startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello!")
+    assert session.transcript().splitlines()[0] == "user: Hello!" and second == ChatSession(
+        model, tokenizer, system="Be brief.", max_new_tokens=5, messages=[dict(m) for m in session.messages[:3]]
+    ).send("How are you?")  # greedy: the same conversation gives the same reply
+    session.reset()
+    assert session.messages == [{"role": "system", "content": "Be brief."}]
+    with pytest.raises(ValueError, match="non-empty message"):
+        session.send("  ")
+
+    control = ChatControl(model, tokenizer, max_new_tokens=5)
+    control.controls["message"].value = "Hello!"
+    control.controls["send"].click()  # as the mouse does
+    assert control.reply is not None and control.controls["message"].value == ""
+    assert "Hello!" in control.log.value and control.png().startswith(b"\x89PNG")
+    assert any("Hello!" in t.get_text() for t in chat_figure(control.session).texts)
+    ids, labels = tokenize_conversation(tokenizer, SYSTEM_MULTI)
+    html = mask_html(tokenizer, ids, labels)
+    assert html.count("background:#b7e4b0;color:#000") == sum(label != IGNORE_INDEX for label in labels)
