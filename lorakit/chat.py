@@ -231,6 +231,8 @@ class Tokenized:
 
     def report(self) -> str:
         kept = len(self.input_ids)
+        if self.max_len is None:
+            return f"{kept} examples (no length limit)"
         if not self.too_long:
             return f"{kept} examples, none over {self.max_len} tokens"
         done = "dropped" if self.policy == "drop" else "truncated (their answers' ends are lost)"

@@ -179,7 +179,7 @@ def answer_accuracy(
     model: torch.nn.Module,
     tokenizer,
     examples: list[Example],
-    batch_size: int = 16,
+    batch_size: int = 50,
     confidence: float = CONFIDENCE,
 ) -> Accuracy:
     """Exact match of the greedy answer to each example's last assistant turn, with a Wilson interval.
