@@ -21,8 +21,8 @@ from pathlib import Path
 from lorakit.chat import Example
 
 BOOKS = ("Genesis", "Psalms", "Proverbs", "Matthew")
-MAX_WORDS = 20  # verses of at most this many words (short prompts: a CPU trains on them in minutes)
-SYSTEM = "Name the verse's book."
+MAX_WORDS = 24  # verses of at most this many words (short prompts: a CPU trains on them in minutes)
+SYSTEM = "Name the book of the Bible the verse is from."
 
 
 def question(verse: str, books: tuple[str, ...] = BOOKS) -> str:
