@@ -1557,3 +1557,71 @@ def check_interval_order(fn: Callable[[tuple, tuple], str]) -> str:
             }[want]
             raise AssertionError(f"case {name}: a={a}, b={b}: expected {want!r}, got {got!r}; hint: {hint}")
     return "correct: only intervals that do not touch order two models"
+# --- notebook 07: instruction tuning ---
+
+_LABEL_CASES = [  # (name, context_ids, full_ids): the context ends with the generation prompt
+    ("one answer", [1, 9, 5, 2, 1, 7], [1, 9, 5, 2, 1, 7, 40, 41, 2, 3]),
+    ("a one-token answer", [1, 5, 6], [1, 5, 6, 8, 2, 3]),
+    ("a context whose last token merges with the answer's first", [1, 9, 5, 12], [1, 9, 5, 13, 40, 2]),
+]
+
+
+def check_answer_labels(fn: Callable[[list[int], list[int]], list[int]]) -> str:
+    """Exercise (notebook 07): ``fn(context_ids, full_ids)`` returns the labels of ``full_ids``: -100 on the
+    context, the token ids from where the context and the full conversation part (TRL's completion mask)."""
+    from lorakit.chat import IGNORE_INDEX, common_prefix_length
+
+    for name, context, full in _LABEL_CASES:
+        start = common_prefix_length(context, full)
+        want = [IGNORE_INDEX] * start + full[start:]
+        got = list(fn(list(context), list(full)))
+        if len(got) != len(full):
+            raise AssertionError(f"{name}: expected {len(full)} labels (one per token of full_ids), got {len(got)}")
+        if got == want:
+            continue
+        if got == full:
+            raise AssertionError(f"{name}: every token counts in your labels; set the context's labels to -100")
+        if got[:-1] == want[:-1]:
+            raise AssertionError(
+                f"{name}: the last token's label is {got[-1]}, expected {want[-1]}; the end of the turn must count, "
+                "or the model never learns to stop"
+            )
+        raise AssertionError(
+            f"{name}: expected {want}, got {got}; hint: the answer starts where context_ids and full_ids first "
+            "differ, which is not always len(context_ids)"
+        )
+    return "correct: -100 on the context, the answer and its end-of-turn token in the loss"
+
+
+def check_pad_batch(fn: Callable[[list[list[int]], list[list[int]], int], dict]) -> str:
+    """Exercise (notebook 07): ``fn(input_ids, labels, pad_id)`` pads on the right to ``(B, T)`` tensors
+    ``input_ids``, ``attention_mask`` and ``labels``, padding ignored by position (checked with pad = EOS)."""
+    from lorakit.chat import pad_batch
+
+    eos = 2
+    cases = [
+        ("two examples, pad_id = EOS", [[1, 5, 6, 2], [1, 7, 2]], [[-100, -100, 6, 2], [-100, 7, 2]], eos),
+        (
+            "three examples, another pad_id",
+            [[1, 5], [1, 7, 8, 9, 2], [1, 2]],
+            [[-100, 5], [-100, 7, 8, 9, 2], [-100, 2]],
+            0,
+        ),
+    ]
+    for name, ids, labels, pad in cases:
+        want = pad_batch(ids, labels, pad)
+        got = fn([list(x) for x in ids], [list(x) for x in labels], pad)
+        for key in ("input_ids", "attention_mask", "labels"):
+            value = got.get(key) if isinstance(got, dict) else None
+            if not isinstance(value, torch.Tensor) or value.shape != want[key].shape:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise AssertionError(f"{name}: {key} must be a tensor of shape {tuple(want[key].shape)}, got {shape}")
+            if torch.equal(value.long(), want[key]):
+                continue
+            if key == "labels" and int((value == -100).sum()) > int((want[key] == -100).sum()):
+                raise AssertionError(
+                    f"{name}: your labels ignore an EOS token: padding was found by token id, and pad_id is the "
+                    "EOS here; mark padding by position (beyond each example's length)"
+                )
+            raise AssertionError(f"{name}: {key} expected {want[key].tolist()}, got {value.tolist()}")
+    return "correct: right-padded, attention 0 and label -100 on padding by position, every EOS kept"

@@ -99,3 +99,26 @@ def test_python_m_lorakit_names_itself():
     assert done.returncode == 0 and done.stderr == ""
     assert done.stdout.startswith("usage: python -m lorakit ")
     assert "python -m lorakit.finetune" in done.stdout  # and lists the other command lines
+
+
+def test_finetune_data_refuses_a_malformed_line_naming_it(tmp_path):
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"prompt": "Hi?", "completion": "Hello"}\n{"prompt": "Hi?", "completion": "Hello"\n')
+    done = run("lorakit.finetune", "--data", str(data), "--out", str(tmp_path / "run"))
+    one_line_error(done, "python -m lorakit.finetune", "mine.jsonl:2: invalid JSON")
+    assert not (tmp_path / "run").exists()
+
+
+def test_finetune_data_end_to_end_on_a_tiny_model(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_finetune import chat_file, tiny_chat_model_folder
+
+    folder = tiny_chat_model_folder(tmp_path / "model")
+    data = chat_file(tmp_path / "mine.jsonl")
+    out = tmp_path / "run"
+    args = ["--method", "qlora", "--model", str(folder), "--data", str(data), "--out", str(out)]
+    done = run("lorakit.finetune", *args, "--steps", "3", "--batch-size", "2", "--seq-len", "64", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "11 training and 1 held-out examples; 0 over 64 tokens dropped" in done.stdout
+    assert "held-out loss per answer token" in done.stdout and "exact-match accuracy" in done.stdout
+    assert (out / "metrics.json").is_file() and (out / "adapter" / "adapter_config.json").is_file()

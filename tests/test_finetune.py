@@ -355,3 +355,70 @@ def test_pick_device_refuses_a_device_that_is_not_here(monkeypatch):
     with pytest.raises(ValueError, match="device='cuda' is not available on this machine"):
         pick_device()
     assert pick_device("cpu") == torch.device("cpu")
+
+
+# --- finetune(data=...): instruction tuning on the learner's file (lorakit.chat) ---
+
+
+def tiny_chat_model_folder(folder):
+    """A tiny Llama and a tiny ChatML tokenizer saved as a checkpoint folder (what --model accepts)."""
+    from chat_tokenizers import tiny_chat_tokenizer
+    from tiny_models import tiny_llama
+
+    tokenizer = tiny_chat_tokenizer("chatml")
+    model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=128)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def chat_file(path, n=12, bad_line=None):
+    lines = [
+        json.dumps(
+            {"messages": [{"role": "user", "content": f"Psalm {i}?"}, {"role": "assistant", "content": "Psalms"}]}
+        )
+        if i % 2
+        else json.dumps({"prompt": f"Genesis {i}?", "completion": "Genesis"})
+        for i in range(n)
+    ]
+    if bad_line is not None:
+        lines[bad_line - 1] = '{"prompt": "oops"}'
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_finetune_on_a_data_file_writes_adapter_and_metrics(tmp_path):
+    folder = tiny_chat_model_folder(tmp_path / "model")
+    data = chat_file(tmp_path / "mine.jsonl")
+    out = tmp_path / "run"
+    result = finetune(
+        method="qlora", model=str(folder), data=str(data), out=out, steps=4, batch_size=2, seq_len=64,
+        test_fraction=0.25, warmup_steps=1, lr=1e-2, progress=False,
+    )  # fmt: skip
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    assert metrics == json.loads(json.dumps(result.metrics))
+    assert metrics["examples"] == {"train": 9, "test": 3, "too_long_dropped": 0, "max_len": 64}
+    assert metrics["steps"] == 4 and metrics["settings"]["data"] == str(data)
+    assert metrics["heldout_loss_after"] < metrics["heldout_loss_before"]
+    for key in ("accuracy_before", "accuracy_after"):
+        low, high = metrics[f"{key}_ci"]
+        assert 0 <= low <= metrics[key] <= high <= 1
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    with pytest.raises(RunComplete, match="held-out loss per answer token"):
+        finetune(
+            method="qlora", model=str(folder), data=str(data), out=out, steps=4, batch_size=2, seq_len=64,
+            test_fraction=0.25, warmup_steps=1, lr=1e-2, progress=False,
+        )  # fmt: skip
+
+
+def test_a_malformed_line_is_refused_with_its_number_before_anything_is_loaded(tmp_path, monkeypatch):
+    from lorakit.chat import DataError
+    from lorakit.finetune import pipeline
+
+    monkeypatch.setattr(pipeline, "build_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    data = chat_file(tmp_path / "mine.jsonl", bad_line=7)
+    with pytest.raises(DataError, match="mine.jsonl:7: missing key 'completion'"):
+        finetune(method="qlora", data=str(data), out=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="test_fraction=1.5 is not valid"):
+        finetune(data=str(data), test_fraction=1.5)

@@ -6,11 +6,13 @@ The package, by concept:
   loaded or written (settings, device, output folder, the model's limits from its config.json);
 * ``fit``: will the run fit in the free memory? lorakit's own estimate, asked before training;
 * ``output``: the run folder, and the rules that never delete a file lorakit did not write;
-* ``pipeline``: :func:`finetune` itself: build the model, load the data, train, measure, save.
+* ``pipeline``: :func:`finetune` itself: build the model, load the data, train, measure, save;
+* ``instruct``: ``finetune(data="my.jsonl")``, instruction tuning on the learner's own file (:mod:`lorakit.chat`).
 
 Command line (prints held-out perplexity before and after, writes the adapter and metrics.json)::
 
     python -m lorakit.finetune --method qlora --rank 8 --bits 4 --steps 60 --out runs/qlora
+    python -m lorakit.finetune --method qlora --data my.jsonl --steps 60 --out runs/mine
 """
 
 from lorakit.finetune.config import (

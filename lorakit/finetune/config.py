@@ -52,6 +52,8 @@ class FinetuneConfig:
     eval_blocks: int = 32
     train_blocks: int | None = None  # cap on training blocks (None: the whole training split)
     corpus: str = "shakespeare"
+    data: str | None = None  # a JSONL or CSV file of conversations (lorakit.chat): instruction tuning instead of corpus
+    test_fraction: float = 0.1  # with data: the share of examples held out for evaluation
     gradient_checkpointing: bool = False
     sample_prompt: str | None = None  # generated (greedy, no chat template) before and after training
     seed: int = 0
@@ -122,6 +124,17 @@ def check_settings(config: FinetuneConfig) -> None:
         _int_at_least(name, getattr(config, name), 1)
     _int_at_least("seq_len", config.seq_len, 2, " (one input and one target token)")
     _int_at_least("warmup_steps", config.warmup_steps, 0)
+    if config.data is not None:
+        if not isinstance(config.data, (str, os.PathLike)):
+            raise ValueError(f"data={config.data!r} is not valid; pass the path of a .jsonl or .csv file")
+        tf = config.test_fraction
+        if isinstance(tf, bool) or not isinstance(tf, (int, float)) or not 0.0 < tf < 1.0:
+            raise ValueError(f"test_fraction={tf!r} is not valid; use a number between 0 and 1 (0.1 holds out 10%)")
+        if config.gradient_checkpointing or config.grad_accum != 1 or config.backend != "lorakit":
+            raise ValueError(
+                "with data=..., gradient_checkpointing, grad_accum and backend='hf' are not offered (yet); "
+                "leave them at their defaults"
+            )
     if config.train_blocks is not None:
         _int_at_least("train_blocks", config.train_blocks, 1, ", or None for the whole training split")
     lr = config.learning_rate
@@ -207,7 +220,12 @@ def validate(config: FinetuneConfig, device: torch.device | str | None = None, o
         check_device(device)
     if out is not None:
         check_output(out)
+    if config.data is not None:
+        from lorakit.finetune.instruct import check_data
+
+        check_data(config.data)  # every line, read as a stream, before any model is loaded
     model_cfg = model_config(config.model)
     check_model(config, model_cfg)
-    require(config.corpus)
+    if config.data is None:
+        require(config.corpus)
     return model_cfg

@@ -48,6 +48,9 @@ def summary(metrics: dict) -> str:
         return f"diverged at step {metrics['diverged']['step']}: {metrics['diverged']['reason']}"
     before, after = metrics.get("ppl_before"), metrics.get("ppl_after")
     text = f"{metrics.get('steps')} steps"
+    loss_before, loss_after = metrics.get("heldout_loss_before"), metrics.get("heldout_loss_after")
+    if loss_before is not None and loss_after is not None:
+        text += f", held-out loss per answer token {loss_before:.3f} -> {loss_after:.3f}"
     if before is not None and after is not None:
         text += f", held-out perplexity {before:.2f} -> {after:.2f} ({100 * (after / before - 1):+.1f}%)"
     return text

@@ -212,6 +212,8 @@ def finetune(
     folder = prepare_output(out, settings_of(config), overwrite) if out is not None else None
     torch.manual_seed(config.seed)
     model, tokenizer = build_model(config, device, dtype)
+    if config.data is not None:
+        return _finetune_on_data(config, model, tokenizer, folder, dtype, estimated, memory, progress, on_step)
     train_blocks, val_blocks = load_data(tokenizer, config)
     params = parameter_count(model)
     train_config = TrainConfig(
@@ -271,4 +273,36 @@ def finetune(
         remove_checkpoint(folder)  # the run is complete
     elif folder is not None and result.diverged:
         atomic_write_json(folder / METRICS_FILE, metrics)  # the checkpoint stays: the last good state
+    return FinetuneResult(model=model, tokenizer=tokenizer, train=result, metrics=metrics)
+
+
+def _finetune_on_data(config, model, tokenizer, folder, dtype, estimated, memory, progress, on_step) -> FinetuneResult:
+    """The ``data=...`` run (instruction tuning, :mod:`lorakit.finetune.instruct`): train, measure, save."""
+    from lorakit.finetune.instruct import run_on_data
+
+    params = parameter_count(model)
+    result, data_metrics = run_on_data(config, model, tokenizer, progress=progress, on_step=on_step)
+    finished = not result.interrupted and not result.diverged
+    metrics = {
+        **data_metrics,
+        "steps": result.step,
+        "steps_this_process": result.step,
+        "seconds": round(result.seconds, 2),
+        "seconds_per_step": round(result.seconds / result.step, 4) if result.step else None,
+        "peak_rss_mb": round(peak_rss_bytes() / MB, 1),
+        "estimated_mb": round(estimated / MB, 1),
+        "dtype": str(dtype).removeprefix("torch."),
+        "trainable_params": params.trainable,
+        "total_params": params.total,
+        "base_params": params.total - params.trainable if config.method != "full" else params.total,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "interrupted": result.interrupted,
+        "diverged": result.diverged,
+        "memory_check": memory or "skipped (force=True)",
+        "settings": settings_of(config),
+    }
+    if folder is not None and (finished or result.diverged):
+        if finished and config.method != "full":
+            save_adapter(model, folder / ADAPTER_DIR)
+        atomic_write_json(folder / METRICS_FILE, metrics)
     return FinetuneResult(model=model, tokenizer=tokenizer, train=result, metrics=metrics)
