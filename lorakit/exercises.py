@@ -1557,6 +1557,8 @@ def check_interval_order(fn: Callable[[tuple, tuple], str]) -> str:
             }[want]
             raise AssertionError(f"case {name}: a={a}, b={b}: expected {want!r}, got {got!r}; hint: {hint}")
     return "correct: only intervals that do not touch order two models"
+
+
 # --- notebook 07: instruction tuning ---
 
 _LABEL_CASES = [  # (name, context_ids, full_ids): the context ends with the generation prompt
