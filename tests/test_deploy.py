@@ -328,3 +328,115 @@ def test_smollm2_q4_1_gguf_is_the_file_it_came_from(smollm2, tmp_path):
     ids = tokenizer("ROMEO: But soft, what light through yonder window breaks?", return_tensors="pt")["input_ids"]
     loaded = read_gguf(write_gguf(model, tokenizer, tmp_path / "smollm2.q4_1.gguf", "q4_1"))
     torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------- notebook 08's exercises
+
+
+def test_quantize_q8_0_is_gguf_bit_for_bit():
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    from lorakit.deploy.gguf import dequantize_q8_0, quantize_q8_0
+
+    w = torch.randn(6, 96, generator=torch.Generator().manual_seed(0))
+    w[1, :32] = 0  # a zero block
+    w[2, 0], w[2, 1] = 127.0, 2.5  # d = 1: 2.5 rounds away from zero, to 3
+    codes, scales = quantize_q8_0(w)
+    raw = quants.quantize(w.numpy(), GGMLQuantizationType.Q8_0).reshape(6, 3, 34)  # (rows, blocks, 2 + 32 bytes)
+    assert np.array_equal(raw[..., :2].copy().view(np.float16)[..., 0], scales.numpy())
+    assert np.array_equal(raw[..., 2:].copy().view(np.int8).reshape(6, 96), codes.numpy())
+    assert codes[2, 1] == 3
+    back = quants.dequantize(quants.quantize(w.numpy(), GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0)
+    assert np.array_equal(dequantize_q8_0(codes, scales).numpy(), back)
+
+
+def fold_right(codes, absmax, codebook, A, B, alpha, r, blocksize=64):
+    d_out, d_in = B.shape[0], A.shape[1]
+    w0 = codebook[codes] * absmax.repeat_interleave(blocksize)[: len(codes)]
+    return w0.view(d_out, d_in) + (alpha / r) * (B @ A)
+
+
+def fold_no_scaling(codes, absmax, codebook, A, B, alpha, r, blocksize=64):
+    w0 = codebook[codes] * absmax.repeat_interleave(blocksize)[: len(codes)]
+    return w0.view(B.shape[0], A.shape[1]) + B @ A
+
+
+def fold_blocks_per_row(codes, absmax, codebook, A, B, alpha, r, blocksize=64):
+    d_out, d_in = B.shape[0], A.shape[1]  # one constant per row: wrong once blocks straddle rows
+    w0 = codebook[codes].view(d_out, d_in) * absmax[:d_out].view(-1, 1)
+    return w0 + (alpha / r) * (B @ A)
+
+
+def fold_codes_as_values(codes, absmax, codebook, A, B, alpha, r, blocksize=64):
+    w0 = codes.float() * absmax.repeat_interleave(blocksize)[: len(codes)]  # the index, not codebook[index]
+    return w0.view(B.shape[0], A.shape[1]) + (alpha / r) * (B @ A)
+
+
+def test_check_fold_into_dequantized_accepts_the_right_answer_and_rejects_wrong_ones():
+    from lorakit.exercises import check_fold_into_dequantized
+
+    assert "correct" in check_fold_into_dequantized(fold_right)
+    with pytest.raises(AssertionError, match=r"case \(8, 64\).*scaling alpha / r"):
+        check_fold_into_dequantized(fold_no_scaling)
+    with pytest.raises(AssertionError, match=r"case \(6, 40\).*absmax\[i // blocksize\]"):
+        check_fold_into_dequantized(fold_blocks_per_row)
+    with pytest.raises(AssertionError, match=r"case \(8, 64\)"):
+        check_fold_into_dequantized(fold_codes_as_values)
+
+
+def q8_right(w):
+    from lorakit.deploy.gguf import quantize_q8_0
+
+    return quantize_q8_0(w)
+
+
+def q8_round_half_even(w):
+    blocks = w.reshape(w.shape[0], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    codes = torch.round(blocks / torch.where(d == 0, torch.ones_like(d), d))
+    return codes.to(torch.int8).reshape(w.shape), d.squeeze(-1).half()
+
+
+def q8_float32_scales(w):
+    codes, scales = q8_right(w)
+    return codes, scales.float()
+
+
+def q8_divide_by_zero(w):
+    blocks = w.reshape(w.shape[0], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    scaled = blocks / d  # 0 / 0 = nan in an all-zero block
+    codes = torch.sign(scaled) * torch.floor(scaled.abs() + 0.5)
+    return torch.nan_to_num(codes, nan=-128).to(torch.int8).reshape(w.shape), d.squeeze(-1).half()
+
+
+def q8_one_scale_per_row(w):
+    d = w.abs().amax(-1, keepdim=True) / 127
+    codes = torch.sign(w / d) * torch.floor((w / d).abs() + 0.5)
+    return codes.to(torch.int8), d.half()
+
+
+def test_check_quantize_q8_0_accepts_the_right_answer_and_rejects_wrong_ones():
+    from lorakit.exercises import check_quantize_q8_0
+
+    assert "8.5 bits" in check_quantize_q8_0(q8_right)
+    with pytest.raises(AssertionError, match=r"case \(1, 32\) with values halfway.*half away from zero"):
+        check_quantize_q8_0(q8_round_half_even)
+    with pytest.raises(AssertionError, match=r"case \(4, 64\).*float16"):
+        check_quantize_q8_0(q8_float32_scales)
+    with pytest.raises(AssertionError, match=r"case \(2, 32\) with an all-zero row.*codes differ"):
+        check_quantize_q8_0(q8_divide_by_zero)
+    with pytest.raises(AssertionError, match=r"case \(4, 64\).*one scale per block"):
+        check_quantize_q8_0(q8_one_scale_per_row)
+
+
+def test_check_prints_not_solved_for_a_stub(capsys):
+    from lorakit.exercises import check, check_fold_into_dequantized, check_quantize_q8_0
+
+    def stub(*args):
+        raise NotImplementedError()
+
+    check(check_fold_into_dequantized, stub)
+    check(check_quantize_q8_0, stub)
+    assert capsys.readouterr().out.count("not solved yet") == 2

@@ -218,3 +218,27 @@ def gguf_roundtrip(model: torch.nn.Module, qtype: str) -> torch.nn.Module:
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def quantize_q8_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGUF's Q8_0 of ``w`` (rows, cols), ``cols`` a multiple of 32, as llama.cpp's ``quantize_row_q8_0``:
+    per block of 32 along each row, ``d = absmax / 127`` and ``q = round(w / d)`` rounded half away from
+    zero; ``d`` is stored as float16 (the codes use the float32 ``d``).
+    Returns ``(codes int8 (rows, cols), scales float16 (rows, cols // 32))``.
+    """
+    rows, cols = w.shape
+    if cols % BLOCK:
+        raise ValueError(f"Q8_0 needs rows of a multiple of {BLOCK} weights, got {cols}")
+    blocks = w.float().reshape(rows, cols // BLOCK, BLOCK)  # (rows, n_blocks, 32)
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 127  # (rows, n_blocks, 1)
+    inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    scaled = blocks * inverse
+    codes = torch.sign(scaled) * torch.floor(scaled.abs() + 0.5)  # half away from zero, as C's roundf
+    return codes.to(torch.int8).reshape(rows, cols), d.squeeze(-1).to(torch.float16)
+
+
+def dequantize_q8_0(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``d * q`` per block: the float32 weights a Q8_0 tensor stands for, ``(rows, cols)``."""
+    rows, cols = codes.shape
+    blocks = codes.float().reshape(rows, cols // BLOCK, BLOCK) * scales.float().unsqueeze(-1)
+    return blocks.reshape(rows, cols)
