@@ -362,10 +362,9 @@ def fold_no_scaling(codes, absmax, codebook, A, B, alpha, r, blocksize=64):
     return w0.view(B.shape[0], A.shape[1]) + B @ A
 
 
-def fold_blocks_per_row(codes, absmax, codebook, A, B, alpha, r, blocksize=64):
-    d_out, d_in = B.shape[0], A.shape[1]  # one constant per row: wrong once blocks straddle rows
-    w0 = codebook[codes].view(d_out, d_in) * absmax[:d_out].view(-1, 1)
-    return w0 + (alpha / r) * (B @ A)
+def fold_tiled_constants(codes, absmax, codebook, A, B, alpha, r, blocksize=64):
+    w0 = codebook[codes] * absmax.repeat(blocksize)[: len(codes)]  # tiles a0 a1 a2 a0 ..., not a0 a0 ... a1 a1 ...
+    return w0.view(B.shape[0], A.shape[1]) + (alpha / r) * (B @ A)
 
 
 def fold_codes_as_values(codes, absmax, codebook, A, B, alpha, r, blocksize=64):
@@ -379,8 +378,8 @@ def test_check_fold_into_dequantized_accepts_the_right_answer_and_rejects_wrong_
     assert "correct" in check_fold_into_dequantized(fold_right)
     with pytest.raises(AssertionError, match=r"case \(8, 64\).*scaling alpha / r"):
         check_fold_into_dequantized(fold_no_scaling)
-    with pytest.raises(AssertionError, match=r"case \(6, 40\).*absmax\[i // blocksize\]"):
-        check_fold_into_dequantized(fold_blocks_per_row)
+    with pytest.raises(AssertionError, match=r"case \(8, 64\).*absmax\[i // blocksize\]"):
+        check_fold_into_dequantized(fold_tiled_constants)
     with pytest.raises(AssertionError, match=r"case \(8, 64\)"):
         check_fold_into_dequantized(fold_codes_as_values)
 
