@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -141,6 +142,9 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, qtype
     config = model.config
     tensors = gguf_tensors(model, qtype)  # checks before anything is written
     path = Path(path)
+    logger = logging.getLogger("gguf")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # gguf's writer logs each file it writes at INFO
     writer = gguf.GGUFWriter(str(path), "llama")
     try:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -169,11 +173,12 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, qtype
         writer.write_tensors_to_file()
     finally:
         writer.close()
+        logger.setLevel(level)
     return path
 
 
 def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, tokenizer: bool = False):
-    """Load a GGUF file with transformers (``gguf_file=``; it dequantizes every tensor): the model, or
+    """Load a GGUF file with transformers (``gguf_file=``; its kernels compute in float32, the default): the model, or
     ``(model, tokenizer)`` with the tokenizer rebuilt from the file's ``tokenizer.ggml.*`` keys."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -188,12 +193,13 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, token
 
 
 @torch.no_grad()
-def gguf_roundtrip(model: torch.nn.Module, qtype: str) -> torch.nn.Module:
-    """A copy of ``model`` whose weights went through the file's quantization and back, in memory: what a
-    correct GGUF file of ``qtype`` must load as (the quantization error alone, no file-layout error)."""
+def gguf_roundtrip(model: torch.nn.Module, qtype: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A copy of ``model`` (in ``dtype``, default its own) whose weights went through the file's quantization and
+    back, in memory: what a correct GGUF file of ``qtype`` must load as (the quantization error alone, no error
+    of the file's layout). transformers computes a GGUF model in float32: compare in float32."""
     import gguf
 
-    result = copy.deepcopy(model)
+    result = copy.deepcopy(model).to(dtype or next(model.parameters()).dtype)
     tensors = gguf_tensors(model, qtype)
     config = model.config
     names = {v: k for k, v in _NAMES.items()}

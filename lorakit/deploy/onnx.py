@@ -116,8 +116,10 @@ class OnnxLM:
     """
 
     def __init__(self, folder: str | os.PathLike, threads: int | None = None, adapters: Mapping[str, os.PathLike] = ()):
+        import onnxruntime as ort
         import onnxruntime_genai as og
 
+        ort.set_default_logger_severity(3)  # errors only
         self.folder = Path(folder)
         self.threads = threads or torch.get_num_threads()
         config = og.Config(str(self.folder))
@@ -194,7 +196,7 @@ class OnnxLM:
         return self._session
 
     def __call__(self, input_ids: torch.Tensor, adapter: str | None = None, **_) -> SimpleNamespace:
-        """Logits ``(B, T, vocab)`` (float32, on the CPU) for a batch of token ids, from an empty KV cache."""
+        """Logits ``(B, T, vocab)`` (float32, on the ids' device) for a batch of token ids, from an empty KV cache."""
         import onnxruntime as ort
 
         self._check_adapter(adapter)
@@ -216,7 +218,7 @@ class OnnxLM:
             run_options = ort.RunOptions()
             run_options.add_active_adapter(self._ort_adapters[adapter])
         (logits,) = session.run(["logits"], feeds, run_options)
-        return SimpleNamespace(logits=torch.from_numpy(logits))
+        return SimpleNamespace(logits=torch.from_numpy(logits).to(input_ids.device))  # where the caller's ids are
 
     def eval(self):
         return self

@@ -23,10 +23,14 @@ from lorakit.models import DEFAULT_MODEL, generate, keep_bnb_reference_path
 
 
 def load_bnb_4bit(
-    base: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, quant_type: str = "nf4", double_quant: bool = True
+    base: str = DEFAULT_MODEL,
+    dtype: torch.dtype = torch.float32,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    device: torch.device | str = "cpu",
 ):
     """The base as QLoRA stores it, with bitsandbytes: NF4 codes (blocks of 64, double-quantized constants),
-    computing in ``dtype``; ``(model, tokenizer)`` on the CPU, in eval mode."""
+    computing in ``dtype``; ``(model, tokenizer)`` on ``device``, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from lorakit import _quiet
@@ -42,7 +46,7 @@ def load_bnb_4bit(
     )
     with _quiet.loading():
         model = AutoModelForCausalLM.from_pretrained(
-            source, quantization_config=config, dtype=dtype, device_map={"": "cpu"}
+            source, quantization_config=config, dtype=dtype, device_map={"": str(device)}
         )
     keep_bnb_reference_path(model)  # the dequantize-then-matmul path QLoRA trained through
     return model.eval(), AutoTokenizer.from_pretrained(source)
@@ -64,6 +68,13 @@ class PeftAdapterServer:
         keep_bnb_reference_path(self.model)
         self.model.eval()
         self.names = list(adapters)
+
+    def add(self, name: str, folder: str | os.PathLike) -> None:
+        """Load one more adapter next to the others (``PeftModel.load_adapter``); the base is not reloaded."""
+        self.model.load_adapter(str(folder), adapter_name=name)
+        keep_bnb_reference_path(self.model)
+        self.model.eval()
+        self.names.append(name)
 
     def use(self, adapter: str) -> None:
         if adapter not in self.names:
