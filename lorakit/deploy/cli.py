@@ -42,15 +42,32 @@ def _check_target(to: str) -> None:
             ) from e
 
 
+def _load(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import _quiet
+
+    with _quiet.loading():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def _check_same_weights(model, loaded) -> None:
+    """The saved checkpoint holds the merged weights exactly (float32 holds every bfloat16 value)."""
+    saved = loaded.state_dict()
+    for key, value in model.state_dict().items():
+        if key in saved and not torch.equal(saved[key], value.float()):
+            error = (saved[key] - value.float()).abs().max().item()
+            raise RuntimeError(f"the saved {key} differs from the merged weight by {error:.3g}; nothing was written")
+
+
 @torch.no_grad()
 def _verify(to: str, out: Path, model, tokenizer) -> dict:
     """Load the written output back and compare its logits with the merged model's on ``CHECK_TEXT``."""
     ids = tokenizer(CHECK_TEXT, return_tensors="pt")["input_ids"][:, : model.config.max_position_embeddings]
     reference = model(input_ids=ids).logits.float()
     if to == "merged":
-        from transformers import AutoModelForCausalLM
-
-        logits = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(input_ids=ids).logits
+        logits = _load(out)(input_ids=ids).logits
         expected, tolerance = reference, 0.0  # the same float32 weights
     elif to.startswith("onnx"):
         from lorakit.deploy.onnx import OnnxLM
@@ -109,24 +126,28 @@ def deploy(
 
     with atomic_folder(out, overwrite) as tmp:
         log(f"merging {adapter} into {spec.model} ({spec.quant_type or 'float'} base, as trained) ...")
-        model, tokenizer = merge_adapter(adapter, spec, dtype=torch.float32)
-        if to == "merged":
-            save_merged(model, tokenizer, tmp)
-        elif to.startswith("onnx"):
-            from lorakit.deploy.onnx import export_onnx
+        model, tokenizer = merge_adapter(adapter, spec)
+        with tempfile.TemporaryDirectory() as hf:
+            # The float32 merged checkpoint is every route's source: the exporters read it, and the checks
+            # compare with it loaded back (a fresh float32 model, as the exporters and readers build one).
+            source = tmp if to == "merged" else Path(hf)
+            save_merged(model, tokenizer, source)
+            merged = _load(source)
+            if to == "merged":
+                _check_same_weights(model, merged)
+            elif to.startswith("onnx"):
+                from lorakit.deploy.onnx import export_onnx
 
-            log(f"exporting to ONNX Runtime GenAI ({to.removeprefix('onnx-').upper()}, CPU) ...")
-            with tempfile.TemporaryDirectory() as hf:
-                save_merged(model, tokenizer, hf)
-                export_onnx(hf, tmp, to.removeprefix("onnx-"))
-        else:
-            from lorakit.deploy.gguf import write_gguf
+                log(f"exporting to ONNX Runtime GenAI ({to.removeprefix('onnx-').upper()}, CPU) ...")
+                export_onnx(source, tmp, to.removeprefix("onnx-"))
+            else:
+                from lorakit.deploy.gguf import write_gguf
 
-            qtype = to.removeprefix("gguf-")
-            log(f"writing GGUF ({qtype.upper()}) ...")
-            write_gguf(model, tokenizer, tmp / f"model.{qtype}.gguf", qtype)
-        log("loading it back to verify ...")
-        verification = _verify(to, tmp, model, tokenizer)
+                qtype = to.removeprefix("gguf-")
+                log(f"writing GGUF ({qtype.upper()}) ...")
+                write_gguf(merged, tokenizer, tmp / f"model.{qtype}.gguf", qtype)
+            log("loading it back to verify ...")
+            verification = _verify(to, tmp, merged, tokenizer)
         manifest = {
             "target": to,
             "adapter": str(Path(adapter).resolve()),

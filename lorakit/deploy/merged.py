@@ -9,6 +9,7 @@ another base: modules it does not have, or other shapes) before anything is load
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass
@@ -149,12 +150,8 @@ def merge_adapter(
 def save_merged(model: torch.nn.Module, tokenizer, folder: str | os.PathLike) -> Path:
     """Write the merged model in float32 with its tokenizer: the input the ONNX and GGUF routes read."""
     folder = Path(folder)
-    dtype = next(model.parameters()).dtype
-    if dtype != torch.float32:
-        model.float()
-    try:
-        model.save_pretrained(folder)
-    finally:
-        model.to(dtype)
+    if next(model.parameters()).dtype != torch.float32:
+        model = copy.deepcopy(model).float()  # a copy: casting the model itself would round its buffers (RoPE's)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
