@@ -81,6 +81,7 @@ def export_onnx(
     precision: str = "int4",
     adapter: str | os.PathLike | None = None,
     block_size: int = 32,
+    accuracy_level: int | None = None,
 ) -> Path:
     """Export the transformers checkpoint in ``model_dir`` (config, weights, tokenizer) to ONNX Runtime
     GenAI's format in the folder ``out``: ``model.onnx``, ``model.onnx.data``, ``genai_config.json`` and
@@ -88,6 +89,8 @@ def export_onnx(
 
     ``adapter`` (a peft-format folder) adds its LoRA paths unmerged (``x W + x A^T (alpha / r) B^T``),
     kept in float32 under INT4 so that :func:`export_onnx_adapters` can turn them into inputs.
+    ``accuracy_level`` is MatMulNBits' (the builder's default on the CPU is 4: activations quantized to int8
+    per block; 1 keeps them in float32).
     """
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
@@ -97,6 +100,8 @@ def export_onnx(
     extra = ["hf_token=false"]
     if precision == "int4":
         extra.append(f"block_size={block_size}")
+        if accuracy_level is not None:
+            extra.append(f"accuracy_level={accuracy_level}")
     if adapter is not None:
         extra.append(f"adapter_path={adapter}")
         if precision == "int4":
@@ -356,13 +361,14 @@ def export_onnx_adapters(
     adapters: Mapping[str, str | os.PathLike],
     out: str | os.PathLike,
     precision: str = "int4",
+    accuracy_level: int | None = None,
 ) -> dict[str, Path]:
     """Export the base in ``model_dir`` once, with LoRA inputs, and each adapter ``{name: folder}`` to
     ``out/<name>.onnx_adapter``; returns ``{name: file}``. Load them with ``OnnxLM(out, adapters=...)``."""
     if not adapters:
         raise ValueError("export_onnx_adapters needs at least one adapter")
     out = Path(out)
-    export_onnx(model_dir, out, precision, adapter=next(iter(adapters.values())))
+    export_onnx(model_dir, out, precision, adapter=next(iter(adapters.values())), accuracy_level=accuracy_level)
     inputs = _make_lora_inputs(out / "model.onnx")
     return {
         name: write_onnx_adapter(folder, out / f"{name}{ADAPTER_SUFFIX}", inputs) for name, folder in adapters.items()
