@@ -1627,3 +1627,103 @@ def check_pad_batch(fn: Callable[[list[list[int]], list[list[int]], int], dict])
                 )
             raise AssertionError(f"{name}: {key} expected {want[key].tolist()}, got {value.tolist()}")
     return "correct: right-padded, attention 0 and label -100 on padding by position, every EOS kept"
+# --- notebook 08: merge and deploy ---
+
+
+def _nf4_case(d_out: int, d_in: int, r: int, seed: int, blocksize: int = 64):
+    """A random W0 quantized to NF4 (no double quantization), with LoRA factors: the learner's inputs and lorakit's
+    merged weight ``dequant(W0) + (alpha / r) B A`` (float32)."""
+    from lorakit.blockwise import unpack_codes
+
+    g = torch.Generator().manual_seed(seed)
+    w0 = 0.05 * torch.randn(d_out, d_in, generator=g)
+    packed, state = quantize_blockwise(w0, "nf4", blocksize)
+    codes = unpack_codes(packed, 4, d_out * d_in).long()  # (d_out * d_in,)
+    A, B = torch.randn(r, d_in, generator=g), 0.01 * torch.randn(d_out, r, generator=g)
+    alpha = 2.0 * r + 1
+    want = dequantize_blockwise(packed, state).float() + (alpha / r) * (B @ A)  # (d_out, d_in)
+    return (codes, state.absmax.clone(), state.code.clone(), A, B, alpha, r, blocksize), want
+
+
+def check_fold_into_dequantized(fn: Callable[..., torch.Tensor]) -> str:
+    """Exercise: ``fn(codes, absmax, codebook, A, B, alpha, r, blocksize)`` returns merge (a)'s weight
+    ``W = dequant(W0_nf4) + (alpha / r) B A``, ``(d_out, d_in)`` float32, where ``dequant`` gives the value at
+    flat position ``i`` as ``codebook[codes[i]] * absmax[i // blocksize]``."""
+    cases = {
+        "(8, 64), r=4: one block per row": (8, 64, 4),
+        "(6, 40), r=2: blocks that straddle rows": (6, 40, 2),
+        "(5, 20), r=1: 100 weights, a partial last block of 36": (5, 20, 1),
+    }
+    for i, (case, (d_out, d_in, r)) in enumerate(cases.items()):
+        args, want = _nf4_case(d_out, d_in, r, seed=80 + i)
+        got = fn(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != (d_out, d_in):
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise AssertionError(
+                f"case {case}: expected a (d_out, d_in) = {(d_out, d_in)} tensor, got {shape}; "
+                "hint: reshape the dequantized flat weights to (d_out, d_in), then add (alpha / r) * (B @ A)"
+            )
+        error = (got.float() - want).abs().max().item()
+        if error > 1e-5:
+            codes, absmax, codebook, A, B, alpha, r, _ = args
+            unscaled = dequantize_flat(codes, absmax, codebook, args[-1]).view(d_out, d_in) + B @ A
+            no_scale = (got.float() - unscaled).abs().max()
+            hint = (
+                "the update is missing its scaling alpha / r"
+                if no_scale < 1e-5
+                else "each value's constant is absmax[i // blocksize] for its flat index i (the blocks run along the "
+                "flattened weight, and the last one may be partial)"
+            )
+            raise AssertionError(f"case {case}: your W differs from lorakit's by up to {error:.3g}; hint: {hint}")
+    return (
+        "correct: merge (a) decodes every NF4 code with its block's absmax and adds the scaled update in float32, "
+        "the weights the adapter was trained against"
+    )
+
+
+def dequantize_flat(codes: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """``codebook[codes[i]] * absmax[i // blocksize]`` for every flat index ``i``: ``(n,)`` float32."""
+    return codebook[codes] * absmax.repeat_interleave(blocksize)[: len(codes)]
+
+
+def check_quantize_q8_0(fn: Callable[[torch.Tensor], tuple]) -> str:
+    """Exercise: ``fn(w)`` returns GGUF's Q8_0 of ``w`` (rows, cols): ``(codes int8 (rows, cols), scales float16
+    (rows, cols // 32))``, as :func:`lorakit.deploy.gguf.quantize_q8_0`."""
+    from lorakit.deploy.gguf import quantize_q8_0
+
+    g = torch.Generator().manual_seed(8)
+    halves = torch.full((1, 32), 0.5)
+    halves[0, 0], halves[0, 1:4] = 127.0, torch.tensor([2.5, -2.5, 60.5])  # d = 1: codes 3, -3, 61 (half away)
+    cases = {
+        "(4, 64) random weights": torch.randn(4, 64, generator=g),
+        "(2, 32) with an all-zero row": torch.cat([torch.zeros(1, 32), torch.randn(1, 32, generator=g)]),
+        "(1, 32) with values halfway between two codes": halves,
+    }
+    for case, w in cases.items():
+        want_codes, want_scales = quantize_q8_0(w)
+        got = fn(w.clone())
+        if not (isinstance(got, tuple) and len(got) == 2):
+            raise AssertionError(f"case {case}: return a pair (codes, scales), got {type(got).__name__}")
+        codes, scales = got
+        if tuple(codes.shape) != tuple(want_codes.shape) or tuple(scales.shape) != tuple(want_scales.shape):
+            raise AssertionError(
+                f"case {case}: expected codes {tuple(want_codes.shape)} and scales {tuple(want_scales.shape)}, got "
+                f"{tuple(codes.shape)} and {tuple(scales.shape)}; hint: one scale per block of 32 along each row"
+            )
+        if scales.dtype != torch.float16:
+            raise AssertionError(
+                f"case {case}: the scales are {scales.dtype}; GGUF stores each block's d as float16 (2 bytes)"
+            )
+        if not torch.equal(scales, want_scales):
+            raise AssertionError(
+                f"case {case}: scales differ from absmax / 127 by up to "
+                f"{(scales.float() - want_scales.float()).abs().max():.3g}; hint: d = max |w| over the block / 127"
+            )
+        if codes.dtype != torch.int8 or not torch.equal(codes, want_codes):
+            wrong = int((codes.to(torch.int16) != want_codes.to(torch.int16)).sum())
+            raise AssertionError(
+                f"case {case}: {wrong} codes differ (dtype {codes.dtype}); hint: q = round(w / d) with the float32 d, "
+                "rounded half away from zero as C's roundf (torch.round rounds half to even), as int8; a zero block "
+                "has d = 0 and codes 0"
+            )
+    return "correct: 32 int8 codes and one float16 scale per block, 34 bytes for 32 weights: 8.5 bits per weight"
