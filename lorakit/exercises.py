@@ -1627,6 +1627,8 @@ def check_pad_batch(fn: Callable[[list[list[int]], list[list[int]], int], dict])
                 )
             raise AssertionError(f"{name}: {key} expected {want[key].tolist()}, got {value.tolist()}")
     return "correct: right-padded, attention 0 and label -100 on padding by position, every EOS kept"
+
+
 # --- notebook 08: merge and deploy ---
 
 
