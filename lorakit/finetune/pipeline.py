@@ -250,6 +250,24 @@ def finetune(
         "steps_this_process": result.steps_run,
         "seconds": round(result.seconds, 2),  # this process's training time
         "seconds_per_step": round(result.seconds_per_step, 4) if result.seconds_per_step else None,
+        **_run_metrics(config, params, result, dtype, estimated, memory),
+    }
+    if folder is not None and finished:
+        if config.method != "full":
+            if config.backend == "hf":
+                model.save_pretrained(folder / ADAPTER_DIR)
+            else:
+                save_adapter(model, folder / ADAPTER_DIR)
+        atomic_write_json(folder / METRICS_FILE, metrics)
+        remove_checkpoint(folder)  # the run is complete
+    elif folder is not None and result.diverged:
+        atomic_write_json(folder / METRICS_FILE, metrics)  # the checkpoint stays: the last good state
+    return FinetuneResult(model=model, tokenizer=tokenizer, train=result, metrics=metrics)
+
+
+def _run_metrics(config, params, result, dtype, estimated: int, memory) -> dict:
+    """What every run's ``metrics.json`` holds, on Shakespeare or on the learner's data: memory, sizes, outcome."""
+    return {
         "peak_rss_mb": round(peak_rss_bytes() / MB, 1),  # the whole process: Python, libraries, data
         "estimated_mb": round(estimated / MB, 1),  # lorakit.memory's estimate of the run's tensors
         "peak_rss_over_estimate": round(peak_rss_bytes() / estimated, 2),
@@ -263,17 +281,6 @@ def finetune(
         "memory_check": memory or "skipped (force=True)",
         "settings": settings_of(config),
     }
-    if folder is not None and finished:
-        if config.method != "full":
-            if config.backend == "hf":
-                model.save_pretrained(folder / ADAPTER_DIR)
-            else:
-                save_adapter(model, folder / ADAPTER_DIR)
-        atomic_write_json(folder / METRICS_FILE, metrics)
-        remove_checkpoint(folder)  # the run is complete
-    elif folder is not None and result.diverged:
-        atomic_write_json(folder / METRICS_FILE, metrics)  # the checkpoint stays: the last good state
-    return FinetuneResult(model=model, tokenizer=tokenizer, train=result, metrics=metrics)
 
 
 def _finetune_on_data(config, model, tokenizer, folder, dtype, estimated, memory, progress, on_step) -> FinetuneResult:
@@ -289,17 +296,7 @@ def _finetune_on_data(config, model, tokenizer, folder, dtype, estimated, memory
         "steps_this_process": result.step,
         "seconds": round(result.seconds, 2),
         "seconds_per_step": round(result.seconds / result.step, 4) if result.step else None,
-        "peak_rss_mb": round(peak_rss_bytes() / MB, 1),
-        "estimated_mb": round(estimated / MB, 1),
-        "dtype": str(dtype).removeprefix("torch."),
-        "trainable_params": params.trainable,
-        "total_params": params.total,
-        "base_params": params.total - params.trainable if config.method != "full" else params.total,
-        "final_loss": result.losses[-1] if result.losses else None,
-        "interrupted": result.interrupted,
-        "diverged": result.diverged,
-        "memory_check": memory or "skipped (force=True)",
-        "settings": settings_of(config),
+        **_run_metrics(config, params, result, dtype, estimated, memory),
     }
     if folder is not None and (finished or result.diverged):
         if finished and config.method != "full":
