@@ -15,17 +15,29 @@ Notebook owners append their checkers at the end of this module, under a comment
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 import torch
+import transformers
 from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from lorakit.blockwise import dequantize_blockwise, quantize_blockwise
+from lorakit.blockwise import dequantize_blockwise, quantize_4bit, quantize_blockwise, unpack_codes
+from lorakit.chat import IGNORE_INDEX, common_prefix_length, pad_batch
+from lorakit.codebooks import codebook, dynamic_map, nf_offset, normal_float
+from lorakit.dora import DoRALinear
+from lorakit.double_quant import ABSMAX_BLOCKSIZE, quantize_absmax
+from lorakit.evaluation import perplexity_from_losses
+from lorakit.linear4bit import Linear4bit
+from lorakit.loftq import loftq_step
 from lorakit.lora import LORA_BASE_TYPES, LoRALinear, _matches, add_lora, lora_layers
 from lorakit.lowrank import lora_param_count
-from lorakit.memory import lora_params, model_shape
+from lorakit.memory import LLAMA, ModelShape, estimate_memory, lora_params, model_shape, quantized_bits_per_param
+from lorakit.paged import PagedOptimizer
 from lorakit.tradeoff import quantization_tradeoff
+from lorakit.train import train_steps
 
 NOT_SOLVED = "not solved yet"
 
@@ -253,7 +265,6 @@ def check_merged_weight(fn: Callable[..., torch.Tensor]) -> str:
 def tiny_model(kind: str, seed: int = 0) -> nn.Module:
     """A random transformers model with a few thousand parameters, built from its config (nothing downloaded):
     ``"llama"`` (SmolLM2's architecture), ``"gpt_neox"`` (Pythia's) or ``"t5"`` (an encoder-decoder)."""
-    import transformers
 
     torch.manual_seed(seed)
     if kind == "llama":
@@ -520,7 +531,6 @@ def check_dequantize_matmul(fn: type) -> str:
     lorakit's ``Linear4bit`` (its ``DequantizeMatmul``) on 2-D and 3-D inputs in float32 and bfloat16; rejected: a
     full-size weight kept in ``ctx`` for backward, a gradient for the frozen layer, a transposed product.
     """
-    from lorakit.linear4bit import Linear4bit
 
     g = torch.Generator().manual_seed(5)
     for shape, d_out, dtype in DEQUANTIZE_MATMUL_CASES:
@@ -585,7 +595,6 @@ def check_dequantize_matmul(fn: type) -> str:
 
 
 def _smollm2_shape():
-    from lorakit.memory import ModelShape
 
     return ModelShape(49152, 576, 1536, 30, 9, 3, tie_embeddings=True, name="SmolLM2-135M")
 
@@ -598,7 +607,6 @@ def check_step_memory(fn: Callable[..., tuple]) -> str:
     (a :class:`lorakit.memory.ModelShape`) stored in ``dtype_bytes`` per weight. Compared with
     :func:`lorakit.memory.estimate_memory`.
     """
-    from lorakit.memory import LLAMA, estimate_memory
 
     for shape in (_smollm2_shape(), LLAMA["7B"]):
         for method in ("full", "lora"):
@@ -650,7 +658,6 @@ def check_paged_adamw_step(fn: Callable[..., None]) -> str:
     (copy the frames back). Compared over three steps with :class:`lorakit.PagedOptimizer` around
     ``torch.optim.AdamW``.
     """
-    from lorakit.paged import PagedOptimizer
 
     lr, betas, eps, wd = 1e-2, (0.9, 0.999), 1e-8, 0.1
     params, grads = _paged_case(0)
@@ -717,7 +724,6 @@ def check_paged_adamw_step(fn: Callable[..., None]) -> str:
 
 
 def _tiny_lm(seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=64,
@@ -757,7 +763,6 @@ def check_accumulation(fn: Callable[..., list]) -> str:
     :func:`lorakit.train.train_steps` on the merged batches (``accum`` micro-batches of B blocks = one batch of
     ``accum * B``), with plain SGD so that a wrong gradient scale changes the update.
     """
-    from lorakit.train import train_steps
 
     g = torch.Generator().manual_seed(3)
     for accum, n_steps, micro_size in ((2, 2, 2), (4, 1, 1), (1, 2, 2), (3, 2, 1)):
@@ -821,7 +826,6 @@ def check_bits_per_weight(fn: Callable[[int, int, int], float]) -> str:
     ``bits``-bit codes, an 8-bit absmax per block of ``blocksize`` weights and one fp32 constant per
     ``dq_blocksize`` absmaxes. Compared with :func:`lorakit.memory.quantized_bits_per_param`.
     """
-    from lorakit.memory import quantized_bits_per_param
 
     for bits, blocksize, dq in ((4, 64, 256), (4, 128, 256), (3, 64, 256), (8, 256, 128)):
         case = f"bits={bits}, blocksize={blocksize}, dq_blocksize={dq}"
@@ -843,7 +847,6 @@ def check_bits_per_weight(fn: Callable[[int, int, int], float]) -> str:
 
 def _dora_case(d_in: int, d_out: int, r: int, seed: int):
     """A DoRA layer with a nonzero B and a magnitude off its start, and an input ``x: (N, d_in)``."""
-    from lorakit.dora import DoRALinear
 
     g = torch.Generator().manual_seed(seed)
     layer = DoRALinear(nn.Linear(d_in, d_out, bias=False), r=r, alpha=2 * r + 1)  # scaling != 1
@@ -899,7 +902,6 @@ def nf_roundtrip(bits: int) -> Callable[[torch.Tensor], torch.Tensor]:
 def check_loftq_step(fn: Callable[..., tuple]) -> str:
     """Exercise: ``fn(W, lora, r, scaling, quantize)`` runs one LoftQ iteration and returns ``(A, B, Q)``:
     ``Q = quantize(W - lora)``, then ``scaling * B A`` = the rank-r SVD of ``W - Q`` (LoftQ Algorithm 1)."""
-    from lorakit.loftq import loftq_step
 
     for i, (d_out, d_in, r, bits) in enumerate([(32, 64, 4, 4), (64, 128, 8, 2), (48, 64, 2, 3)]):
         g = torch.Generator().manual_seed(20 + i)
@@ -941,9 +943,6 @@ def check_loftq_step(fn: Callable[..., tuple]) -> str:
 # Codes are compared by the value they stand for: the learner's code must be as near to the scaled input as
 # lorakit's (within 1e-6 of the [-1, 1] range), so a tie broken the other way by float rounding still passes.
 
-from lorakit.blockwise import quantize_4bit, unpack_codes  # noqa: E402
-from lorakit.codebooks import codebook, dynamic_map, nf_offset, normal_float  # noqa: E402
-from lorakit.double_quant import ABSMAX_BLOCKSIZE, quantize_absmax  # noqa: E402
 
 _TIE = 1e-6  # how much farther than lorakit's code a learner's code may be from the scaled value (ties, float rounding)
 
@@ -1490,9 +1489,6 @@ def _bootstrap_cases():
 def check_bootstrap_perplexity(fn: Callable[..., tuple]) -> str:
     """Exercise: ``fn(losses, resamples, seed, confidence)`` returns ``(ppl, low, high)``: ``exp`` of the mean
     per-block loss and its percentile bootstrap interval, as :func:`lorakit.evaluation.perplexity_from_losses`."""
-    import math
-
-    from lorakit.evaluation import perplexity_from_losses
 
     for name, losses, resamples, seed, confidence in _bootstrap_cases():
         blocks = torch.zeros(len(losses), 4, dtype=torch.long)  # only their count matters here
@@ -1537,7 +1533,7 @@ def check_bootstrap_perplexity(fn: Callable[..., tuple]) -> str:
 def check_interval_order(fn: Callable[[tuple, tuple], str]) -> str:
     """Exercise: ``fn(a, b)`` for two intervals ``(low, high)`` returns ``"lower"``, ``"higher"`` or ``"overlap"``,
     as :func:`lorakit.lab.claims.interval_order`."""
-    from lorakit.lab.claims import interval_order
+    from lorakit.lab.claims import interval_order  # the lab package loads its runner: imported only when checked
 
     cases = [
         ("a wholly below b", (120.0, 130.0), (131.0, 140.0)),
@@ -1571,7 +1567,6 @@ _LABEL_CASES = [  # (name, context_ids, full_ids): the context ends with the gen
 def check_answer_labels(fn: Callable[[list[int], list[int]], list[int]]) -> str:
     """Exercise (notebook 07): ``fn(context_ids, full_ids)`` returns the labels of ``full_ids``: -100 on the
     context, the token ids from where the context and the full conversation part (TRL's completion mask)."""
-    from lorakit.chat import IGNORE_INDEX, common_prefix_length
 
     for name, context, full in _LABEL_CASES:
         start = common_prefix_length(context, full)
@@ -1598,7 +1593,6 @@ def check_answer_labels(fn: Callable[[list[int], list[int]], list[int]]) -> str:
 def check_pad_batch(fn: Callable[[list[list[int]], list[list[int]], int], dict]) -> str:
     """Exercise (notebook 07): ``fn(input_ids, labels, pad_id)`` pads on the right to ``(B, T)`` tensors
     ``input_ids``, ``attention_mask`` and ``labels``, padding ignored by position (checked with pad = EOS)."""
-    from lorakit.chat import pad_batch
 
     eos = 2
     cases = [
@@ -1635,7 +1629,6 @@ def check_pad_batch(fn: Callable[[list[list[int]], list[list[int]], int], dict])
 def _nf4_case(d_out: int, d_in: int, r: int, seed: int, blocksize: int = 64):
     """A random W0 quantized to NF4 (no double quantization), with LoRA factors: the learner's inputs and lorakit's
     merged weight ``dequant(W0) + (alpha / r) B A`` (float32)."""
-    from lorakit.blockwise import unpack_codes
 
     g = torch.Generator().manual_seed(seed)
     w0 = 0.05 * torch.randn(d_out, d_in, generator=g)
@@ -1691,7 +1684,7 @@ def dequantize_flat(codes: torch.Tensor, absmax: torch.Tensor, codebook: torch.T
 def check_quantize_q8_0(fn: Callable[[torch.Tensor], tuple]) -> str:
     """Exercise: ``fn(w)`` returns GGUF's Q8_0 of ``w`` (rows, cols): ``(codes int8 (rows, cols), scales float16
     (rows, cols // 32))``, as :func:`lorakit.deploy.gguf.quantize_q8_0`."""
-    from lorakit.deploy.gguf import quantize_q8_0
+    from lorakit.deploy.gguf import quantize_q8_0  # deploy needs the optional deploy extra: imported when checked
 
     g = torch.Generator().manual_seed(8)
     halves = torch.full((1, 32), 0.5)
