@@ -1684,7 +1684,7 @@ def dequantize_flat(codes: torch.Tensor, absmax: torch.Tensor, codebook: torch.T
 def check_quantize_q8_0(fn: Callable[[torch.Tensor], tuple]) -> str:
     """Exercise: ``fn(w)`` returns GGUF's Q8_0 of ``w`` (rows, cols): ``(codes int8 (rows, cols), scales float16
     (rows, cols // 32))``, as :func:`lorakit.deploy.gguf.quantize_q8_0`."""
-    from lorakit.deploy.gguf import quantize_q8_0  # deploy needs the optional deploy extra: imported when checked
+    from lorakit.deploy.gguf import quantize_q8_0  # the deploy package loads all its routes: imported only when checked
 
     g = torch.Generator().manual_seed(8)
     halves = torch.full((1, 32), 0.5)
