@@ -381,6 +381,17 @@ def test_calculator_widget_is_check_fit():
     assert calc.result is not None and not calc.result.fits
     calc.controls["gpu_gb"].value = 48  # float32 adapters (peft's default) and AdamW on the GPU: just over 48 GB
     assert calc.result.fits == check_fit(48, model="65B", gradient_checkpointing=True).fits is False
+    calc.controls["optimizer"].value = "paged_adamw"  # the moments paged out to CPU memory (QLoRA's paged optimizer)
+    assert calc.result.fits == check_fit(48, model="65B", gradient_checkpointing=True, optimizer="paged_adamw").fits
+    assert calc.result.fits
+    calc.controls["optimizer"].value = "adamw"
+    calc.controls["adapter_dtype"].value = "bfloat16"  # the QLoRA paper script's BF16 adapters
+    assert (
+        calc.result.fits
+        and calc.result.estimate.total < check_fit(48, model="65B", gradient_checkpointing=True).estimate.total
+    )
+    calc.controls["adapter_dtype"].value = "float32"
+    assert not calc.result.fits
     calc.controls["gpu_gb"].value = 52
     assert calc.result.fits
     calc.controls["method"].value = "full"  # full with 4 bits is impossible: the error is shown

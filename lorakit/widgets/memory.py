@@ -5,6 +5,7 @@ from __future__ import annotations
 from matplotlib.figure import Figure
 
 from lorakit.memory import GB, LLAMA, METHODS, FitCheck, check_fit
+from lorakit.memory.estimate import DTYPE_BYTES, STATE_BYTES_PER_PARAM
 from lorakit.widgets.picture import PicturedControl, default_style, new_figure, text_figure
 
 BAR_COLORS = ["tab:blue", "tab:cyan", "tab:purple", "tab:orange", "tab:red", "tab:olive", "tab:gray"]
@@ -45,6 +46,8 @@ class MemoryCalculator(PicturedControl):
         batch_size: int = 1,
         seq_len: int = 512,
         gradient_checkpointing: bool = True,
+        optimizer: str = "adamw",
+        adapter_dtype: str = "float32",
         gpu_gb: float = 24.0,
     ):
         import ipywidgets as w
@@ -57,6 +60,8 @@ class MemoryCalculator(PicturedControl):
             "batch_size": w.IntSlider(value=batch_size, min=1, max=64, description="batch"),
             "seq_len": w.IntSlider(value=seq_len, min=64, max=8192, step=64, description="seq len"),
             "gradient_checkpointing": w.Checkbox(value=gradient_checkpointing, description="checkpointing"),
+            "optimizer": w.Dropdown(options=list(STATE_BYTES_PER_PARAM), value=optimizer, description="optimizer"),
+            "adapter_dtype": w.Dropdown(options=list(DTYPE_BYTES), value=adapter_dtype, description="adapters"),
             "gpu_gb": w.FloatSlider(value=gpu_gb, min=4, max=192, step=4, description="GPU GB"),
         }
         self.output = w.Output()
