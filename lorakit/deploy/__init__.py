@@ -8,9 +8,20 @@ switched per request over one bitsandbytes 4-bit base), and the command line in 
 
 from lorakit.deploy._files import atomic_folder, folder_bytes
 from lorakit.deploy.cli import TARGETS, deploy
-from lorakit.deploy.gguf import GGUF_TYPES, gguf_roundtrip, read_gguf, write_gguf
+from lorakit.deploy.gguf import (
+    GGUF_TYPES,
+    LLAMA_CPP_HINT,
+    LlamaCppLM,
+    gguf_roundtrip,
+    llama_cpp_available,
+    llama_cpp_generate,
+    llama_cpp_tokens_per_second,
+    read_gguf,
+    write_gguf,
+)
 from lorakit.deploy.merged import BaseSpec, DeployError, base_of, check_adapter, merge_adapter, save_merged
 from lorakit.deploy.onnx import (
+    ONNX_INT8,
     ONNX_PRECISIONS,
     OnnxLM,
     export_onnx,
@@ -22,10 +33,13 @@ from lorakit.deploy.serve import PeftAdapterServer, adapter_bytes, load_bnb_4bit
 
 __all__ = [
     "GGUF_TYPES",
+    "LLAMA_CPP_HINT",
+    "ONNX_INT8",
     "ONNX_PRECISIONS",
     "TARGETS",
     "BaseSpec",
     "DeployError",
+    "LlamaCppLM",
     "OnnxLM",
     "PeftAdapterServer",
     "adapter_bytes",
@@ -37,6 +51,9 @@ __all__ = [
     "export_onnx_adapters",
     "folder_bytes",
     "gguf_roundtrip",
+    "llama_cpp_available",
+    "llama_cpp_generate",
+    "llama_cpp_tokens_per_second",
     "load_bnb_4bit",
     "merge_adapter",
     "onnx_generate",
