@@ -200,7 +200,7 @@ def test_llama_cpp_runs_both_gguf_types_as_transformers_reads_them(merged, tmp_p
     for qtype in ("q8_0", "q4_1"):
         path = write_gguf(model, tokenizer, tmp_path / f"m.{qtype}.gguf", qtype)
         lm = LlamaCppLM(path, threads=1, n_ctx=256, logits=True)
-        assert lm.llm.tokenize(TEXT.encode(), add_bos=False, special=False) == tokenizer(TEXT)["input_ids"]
+        assert lm.tokenize(TEXT) == tokenizer(TEXT)["input_ids"]
         read_back = logits(read_gguf(path), ids)
         if q8_error is None:  # Q8_0's own weight rounding, the scale of 8-bit rounding on this model
             q8_error = (read_back - logits(model, ids)).abs().mean()

@@ -298,6 +298,11 @@ class LlamaCppLM:
     def __repr__(self) -> str:
         return f"LlamaCppLM({self.path.name!r}, threads={self.threads})"
 
+    def tokenize(self, text: str) -> list[int]:
+        """The token ids llama.cpp's own tokenizer gives ``text`` (from the file's ``tokenizer.ggml.*`` keys),
+        without a BOS token and with special tokens read as text: what ``tokenizer(text)["input_ids"]`` gives."""
+        return self.llm.tokenize(text.encode(), add_bos=False, special=False)
+
     def _last_logits(self) -> np.ndarray:
         import llama_cpp
 
