@@ -2,7 +2,8 @@
 
 One module per route: :mod:`~lorakit.deploy.merged` (the adapter folded into its base, a plain transformers
 checkpoint), :mod:`~lorakit.deploy.onnx` (ONNX Runtime GenAI, INT4 or FP32, and adapters over one exported
-base), :mod:`~lorakit.deploy.gguf` (llama.cpp's Q8_0 and Q4_1), :mod:`~lorakit.deploy.serve` (peft adapters
+base), :mod:`~lorakit.deploy.gguf` (llama.cpp's Q8_0 and Q4_1, and running them in llama.cpp when
+``llama-cpp-python`` is installed), :mod:`~lorakit.deploy.serve` (peft adapters
 switched per request over one bitsandbytes 4-bit base), and the command line in :mod:`~lorakit.deploy.cli`.
 """
 

@@ -16,6 +16,8 @@ byte-level BPE vocabulary, its merges, token types, the special ids and the chat
 and key projections in llama.cpp's rotary layout (the permutation of ``convert_hf_to_gguf.py``).
 :func:`read_gguf` loads a file back with transformers (``gguf_file=``), which dequantizes it;
 :func:`gguf_roundtrip` builds the same weights in memory, the reference a file is checked against.
+:class:`LlamaCppLM` runs a file in llama.cpp itself (the optional ``llama-cpp-python`` binding, which pip
+compiles from source): greedy generation, tokens per second (:func:`llama_cpp_tokens_per_second`) and logits.
 """
 
 from __future__ import annotations
