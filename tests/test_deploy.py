@@ -29,6 +29,7 @@ from lorakit.deploy import (
     write_gguf,
 )
 from lorakit.deploy.cli import main
+from lorakit.deploy.gguf import LlamaCppLM, llama_cpp_available, llama_cpp_generate, llama_cpp_tokens_per_second
 from lorakit.deploy.merged import BaseSpec
 from lorakit.runtime import run_main
 
@@ -121,8 +122,12 @@ def test_onnx_int4_is_matmulnbits_and_close_to_the_merged_model(merged, tmp_path
 
     folder, model, _ = merged
     out = export_onnx(folder, tmp_path / "int4", "int4")
-    ops = {node.op_type for node in onnx.load(out / "model.onnx", load_external_data=False).graph.node}
-    assert "MatMulNBits" in ops and "MatMul" not in ops  # every projection and the head are 4-bit
+    nodes = onnx.load(out / "model.onnx", load_external_data=False).graph.node
+    assert "MatMul" not in {node.op_type for node in nodes}  # every projection and the head are quantized
+    bits = {n.name: next((a.i for a in n.attribute if a.name == "bits"), None) for n in nodes}
+    assert bits["/lm_head/MatMul_Q8"] == 8  # lorakit's default: the head in 8 bits
+    assert {b for name, b in bits.items() if "/layers." in name and name.endswith("_Q4")} == {4}
+    assert "/model/embed_tokens/Gather_Q4" in bits  # the embedding, no longer shared, 4-bit on its own
     fp32 = OnnxLM(export_onnx(folder, tmp_path / "fp32", "fp32"), threads=1)
     lm = OnnxLM(out, threads=1)
     error = (logits(lm) - logits(model)).abs()
@@ -130,6 +135,22 @@ def test_onnx_int4_is_matmulnbits_and_close_to_the_merged_model(merged, tmp_path
     assert 0 < error.mean() < 0.5 * logits(model).abs().mean()
     assert (logits(lm).argmax(-1) == logits(fp32).argmax(-1)).float().mean() > 0.5
     assert len(lm.generate_ids([5, 6, 7], 5, min_new_tokens=5)) == 5
+
+
+def test_onnx_int8_choices(merged, tmp_path, caplog):
+    import onnx
+
+    folder, model, _ = merged
+    ops = {}
+    for int8 in ("none", "mixed"):
+        path = export_onnx(folder, tmp_path / int8, "int4", int8=int8) / "model.onnx"
+        nodes = onnx.load(path, load_external_data=False).graph.node
+        ops[int8] = {n.name: next((a.i for a in n.attribute if a.name == "bits"), None) for n in nodes}
+    assert ops["none"]["/lm_head/MatMul_Q4"] == 4  # the builder's default: the head 4-bit too
+    assert any(name.startswith("/model/layers.") and b == 8 for name, b in ops["mixed"].items())
+    assert not [r for r in caplog.records if r.levelno >= 40]  # no error logged (the Gather notice is filtered)
+    with pytest.raises(ValueError, match="int8="):
+        export_onnx(folder, tmp_path / "x", "int4", int8="all")
 
 
 def test_onnx_sampling_is_seeded(merged, tmp_path):
@@ -162,6 +183,58 @@ def test_gguf_q4_1_loses_more_than_q8_0_and_is_smaller(merged, tmp_path):
         sizes[qtype] = write_gguf(model, tokenizer, tmp_path / f"m.{qtype}.gguf", qtype).stat().st_size
     assert errors["q4_1"] > 3 * errors["q8_0"] > 0
     assert sizes["q4_1"] < sizes["q8_0"]
+
+
+needs_llama_cpp = pytest.mark.skipif(
+    not llama_cpp_available(), reason="llama-cpp-python is not installed (optional: pip install llama-cpp-python)"
+)
+
+
+@needs_llama_cpp
+def test_llama_cpp_runs_both_gguf_types_as_transformers_reads_them(merged, tmp_path):
+    """llama.cpp loads each file, tokenizes like the transformers tokenizer (the file's tokenizer.ggml.* keys),
+    and computes the logits of the read-back weights up to its own 8-bit rounding of the activations."""
+    _, model, tokenizer = merged
+    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"][:, :24]  # (1, T)
+    q8_error = None
+    for qtype in ("q8_0", "q4_1"):
+        path = write_gguf(model, tokenizer, tmp_path / f"m.{qtype}.gguf", qtype)
+        lm = LlamaCppLM(path, threads=1, n_ctx=256, logits=True)
+        assert lm.tokenize(TEXT) == tokenizer(TEXT)["input_ids"]
+        read_back = logits(read_gguf(path), ids)
+        if q8_error is None:  # Q8_0's own weight rounding, the scale of 8-bit rounding on this model
+            q8_error = (read_back - logits(model, ids)).abs().mean()
+        ours = lm(input_ids=ids).logits
+        lm.close()
+        assert ours.shape == read_back.shape
+        # llama.cpp rounds the activations to 8 bits per block of 32 (Q8_0 / Q8_1) before each product: an error
+        # of the order of Q8_0's (stated tolerance: twice it); a wrong layout (rotary permutation) would be far off
+        assert 0 < (ours - read_back).abs().mean() < 2 * q8_error
+
+
+@needs_llama_cpp
+def test_llama_cpp_greedy_generation_and_speed(merged, tmp_path):
+    _, model, tokenizer = merged
+    path = write_gguf(model, tokenizer, tmp_path / "m.q8_0.gguf", "q8_0")
+    lm = LlamaCppLM(path, threads=1, n_ctx=256)
+    ids = tokenizer("to be or")["input_ids"]
+    new = lm.generate_ids(ids, 6, min_new_tokens=6)
+    assert len(new) == 6  # exactly the tokens asked for, as tokens_per_second times them
+    expected = read_gguf(path).generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert new == expected[0, len(ids) :].tolist()  # greedy: the most likely token each step, as transformers
+    assert isinstance(llama_cpp_generate(lm, tokenizer, "to be or", 4, chat=False), str)
+    assert llama_cpp_tokens_per_second(lm, tokenizer, "to be or", new_tokens=4, repeats=1) > 0
+    with pytest.raises(ValueError, match="logits=True"):
+        lm(input_ids=torch.tensor([ids]))
+    with pytest.raises(ValueError, match="context"):
+        lm.generate_ids(ids, 300)
+    lm.close()
+
+
+def test_llama_cpp_missing_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setattr("lorakit.deploy.gguf.llama_cpp_available", lambda: False)
+    with pytest.raises(ModuleNotFoundError, match="pip install 'llama-cpp-python"):
+        LlamaCppLM(tmp_path / "m.gguf")
 
 
 def test_gguf_refuses_rows_that_are_not_whole_blocks(tmp_path):

@@ -16,6 +16,8 @@ byte-level BPE vocabulary, its merges, token types, the special ids and the chat
 and key projections in llama.cpp's rotary layout (the permutation of ``convert_hf_to_gguf.py``).
 :func:`read_gguf` loads a file back with transformers (``gguf_file=``), which dequantizes it;
 :func:`gguf_roundtrip` builds the same weights in memory, the reference a file is checked against.
+:class:`LlamaCppLM` runs a file in llama.cpp itself (the optional ``llama-cpp-python`` binding, which pip
+compiles from source): greedy generation, tokens per second (:func:`llama_cpp_tokens_per_second`) and logits.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import copy
 import json
 import logging
 import os
+import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -248,3 +252,120 @@ def dequantize_q8_0(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     rows, cols = codes.shape
     blocks = codes.float().reshape(rows, cols // BLOCK, BLOCK) * scales.float().unsqueeze(-1)
     return blocks.reshape(rows, cols)
+
+
+# --------------------------------------------------------------------------- running a file in llama.cpp
+LLAMA_CPP_HINT = (
+    "llama.cpp's Python binding is not installed: pip install 'llama-cpp-python==0.3.36' "
+    "(PyPI has only its source, so pip compiles llama.cpp: a few minutes on 2 cores, cmake and a C++ compiler needed)"
+)
+
+
+def llama_cpp_available() -> bool:
+    """Whether ``llama_cpp`` (the ``llama-cpp-python`` package) can be imported, without importing it."""
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+class LlamaCppLM:
+    """A GGUF file run by llama.cpp (through ``llama-cpp-python``), on ``threads`` CPU threads (default: torch's).
+
+    ``generate_ids`` decodes greedily with llama.cpp's KV cache; ``model(input_ids=...)`` returns the logits of
+    every position (``logits=True`` only: llama.cpp then computes the output head for every token).
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, n_ctx: int = 512, logits: bool = False):
+        if not llama_cpp_available():
+            raise ModuleNotFoundError(LLAMA_CPP_HINT)
+        from llama_cpp import Llama
+
+        self.path = Path(path)
+        self.threads = threads or torch.get_num_threads()
+        self.logits_all = logits
+        self.llm = Llama(
+            model_path=str(self.path),
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_threads=self.threads,
+            n_threads_batch=self.threads,
+            logits_all=logits,
+            verbose=False,
+        )
+        self.n_ctx = n_ctx
+        self.eos = self.llm.token_eos()
+        # free llama.cpp's model when this object goes, or at exit before Python tears down the binding's globals
+        self._finalizer = weakref.finalize(self, self.llm.close)
+
+    def __repr__(self) -> str:
+        return f"LlamaCppLM({self.path.name!r}, threads={self.threads})"
+
+    def tokenize(self, text: str) -> list[int]:
+        """The token ids llama.cpp's own tokenizer gives ``text`` (from the file's ``tokenizer.ggml.*`` keys),
+        without a BOS token and with special tokens read as text: what ``tokenizer(text)["input_ids"]`` gives."""
+        return self.llm.tokenize(text.encode(), add_bos=False, special=False)
+
+    def _last_logits(self) -> np.ndarray:
+        import llama_cpp
+
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.llm.n_vocab(),))
+
+    def generate_ids(self, ids: list[int], max_new_tokens: int, *, min_new_tokens: int = 0) -> list[int]:
+        """The new token ids after ``ids``, greedy (the most likely token each step, as :func:`lorakit.generate`
+        with ``temperature=0``), from an empty KV cache; stops at EOS unless ``min_new_tokens`` forbids it."""
+        if len(ids) + max_new_tokens > self.n_ctx:
+            raise ValueError(f"{len(ids)} prompt + {max_new_tokens} new tokens exceed the context of {self.n_ctx}")
+        self.llm.reset()
+        self.llm.eval(list(ids))
+        new: list[int] = []
+        while len(new) < max_new_tokens:
+            token = int(np.argmax(self._last_logits()))
+            if token == self.eos and len(new) >= min_new_tokens:
+                break
+            new.append(token)
+            if len(new) < max_new_tokens:
+                self.llm.eval([token])
+        return new
+
+    def __call__(self, input_ids: torch.Tensor, **_) -> SimpleNamespace:
+        """Logits ``(B, T, vocab)`` (float32, on the ids' device), each row from an empty KV cache."""
+        if not self.logits_all:
+            raise ValueError("this LlamaCppLM computes the last position only; open it with logits=True")
+        rows = []
+        for row in input_ids.cpu().tolist():
+            if len(row) > self.n_ctx:
+                raise ValueError(f"{len(row)} tokens exceed the context of {self.n_ctx}")
+            self.llm.reset()
+            self.llm.eval(row)
+            rows.append(torch.from_numpy(np.array(self.llm.scores[: len(row)], dtype=np.float32)))
+        return SimpleNamespace(logits=torch.stack(rows).to(input_ids.device))
+
+    def eval(self):
+        return self
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def llama_cpp_generate(lm: LlamaCppLM, tokenizer, prompt: str, max_new_tokens: int = 40, chat: bool = True) -> str:
+    """:func:`lorakit.generate` (greedy) for a GGUF file in llama.cpp: the same prompt text, tokenized by the same
+    transformers tokenizer (llama.cpp's own tokenizer reads the file's ``tokenizer.ggml.*`` keys); the new text only."""
+    from lorakit.models import chat_prompt
+
+    text = chat_prompt(tokenizer, prompt) if chat else prompt
+    new = lm.generate_ids(tokenizer(text)["input_ids"], max_new_tokens)
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def llama_cpp_tokens_per_second(
+    lm: LlamaCppLM, tokenizer, prompt: str, new_tokens: int = 32, repeats: int = 3
+) -> float:
+    """Greedy decoding speed in llama.cpp, as :func:`lorakit.tokens_per_second` measures transformers: exactly
+    ``new_tokens`` after ``prompt`` (no early stop; the time includes reading the prompt), divided by the median
+    time of ``repeats`` runs after one warm-up."""
+    from lorakit.timing import median_time
+
+    if new_tokens < 1 or repeats < 1:
+        raise ValueError(f"need new_tokens >= 1 and repeats >= 1, got new_tokens={new_tokens}, repeats={repeats}")
+    ids = tokenizer(prompt)["input_ids"]
+    return new_tokens / median_time(lambda: lm.generate_ids(ids, new_tokens, min_new_tokens=new_tokens), repeats, 1)

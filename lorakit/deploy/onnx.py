@@ -3,10 +3,15 @@ ONNX Runtime GenAI's model builder, and generation with its runtime (KV cache, t
 
 ``export_onnx`` runs the builder (``onnxruntime_genai.models.builder``, the documented
 ``python -m onnxruntime_genai.models.builder -i DIR -o OUT -p int4 -e cpu`` as a function call) on a
-transformers checkpoint folder. INT4 is the builder's default: round-to-nearest, symmetric 4-bit codes in
-blocks of 32 with one float scale per block (the ``MatMulNBits`` operator), every linear layer and the
-output head quantized. :class:`OnnxLM` generates with ``onnxruntime_genai`` and, for perplexity and
-logit comparisons, runs the same ``model.onnx`` with plain ``onnxruntime`` on whole blocks of tokens.
+transformers checkpoint folder. INT4 is round-to-nearest, symmetric 4-bit codes in blocks of 32 with one
+float scale per block (the ``MatMulNBits`` operator) for every linear layer of the blocks. ``int8`` chooses
+what stays in 8 bits (:data:`ONNX_INT8`): the builder's default (``"none"``) quantizes the output head to 4
+bits too, shared with the token embedding (SmolLM2 ties them); lorakit's default (``"head"``) keeps the
+head in 8 bits (the embedding stays 4-bit, no longer shared: about 30 MB more for SmolLM2-135M);
+``"mixed"`` also keeps the layers that llama.cpp's mixed quantization keeps in more bits (the builder's
+``mixed_layers``: the first and last eighth of the blocks and some projections of every third block).
+:class:`OnnxLM` generates with ``onnxruntime_genai`` and, for perplexity and logit comparisons, runs the same
+``model.onnx`` with plain ``onnxruntime`` on whole blocks of tokens.
 
 Unmerged adapters over one base (:func:`export_onnx_adapters`) live in :mod:`lorakit.deploy.serve`'s
 sibling functions here: the base is exported once with LoRA paths whose weights are model inputs, and
@@ -31,11 +36,33 @@ import numpy as np
 import torch
 
 ONNX_PRECISIONS = ("int4", "fp32")
+# What an INT4 export keeps in 8 bits: the builder's options for each choice (``matmul_mixed_precision``
+# selects MatMul groups; ONNX Runtime's quantized Gather is 4-bit only, so an 8-bit head cannot be shared
+# with the embedding, which is then quantized to 4 bits on its own).
+ONNX_INT8 = {
+    "none": [],
+    "head": [
+        "matmul_mixed_precision=last_matmul:int8",
+        "shared_embeddings=false",
+        "op_types_to_quantize=MatMul/Gather",
+    ],
+    "mixed": [
+        "matmul_mixed_precision=last_matmul:int8,mixed_layers:int8",
+        "shared_embeddings=false",
+        "op_types_to_quantize=MatMul/Gather",
+    ],
+}
 ADAPTER_SUFFIX = ".onnx_adapter"
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 # The builder's names for a LoRA layer's two MatMul weights (A^T: (d_in, r) and (alpha / r) B^T: (r, d_out)).
 LORA_PARAM = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.MatMul\.weight$")
+
+
+def _not_the_gather_notice(record: logging.LogRecord) -> bool:
+    """With an 8-bit head the quantizer's 8-bit pass visits the embedding's Gather, logs this at ERROR and leaves
+    it to the 4-bit pass, which quantizes it (checked in tests/test_deploy.py): not an error of the export."""
+    return record.getMessage() != "Gather only supports 4 bits quantization."
 
 
 @contextlib.contextmanager
@@ -47,6 +74,8 @@ def quiet_builder():
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.WARNING)
+    quantizer = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    quantizer.addFilter(_not_the_gather_notice)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             yield out
@@ -54,6 +83,7 @@ def quiet_builder():
         e.add_note("the model builder's output ended with:\n" + out.getvalue()[-2000:])
         raise
     finally:
+        quantizer.removeFilter(_not_the_gather_notice)
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
 
@@ -82,6 +112,7 @@ def export_onnx(
     adapter: str | os.PathLike | None = None,
     block_size: int = 32,
     accuracy_level: int | None = None,
+    int8: str = "head",
 ) -> Path:
     """Export the transformers checkpoint in ``model_dir`` (config, weights, tokenizer) to ONNX Runtime
     GenAI's format in the folder ``out``: ``model.onnx``, ``model.onnx.data``, ``genai_config.json`` and
@@ -90,18 +121,23 @@ def export_onnx(
     ``adapter`` (a peft-format folder) adds its LoRA paths unmerged (``x W + x A^T (alpha / r) B^T``),
     kept in float32 under INT4 so that :func:`export_onnx_adapters` can turn them into inputs.
     ``accuracy_level`` is MatMulNBits' (the builder's default on the CPU is 4: activations quantized to int8
-    per block; 1 keeps them in float32).
+    per block; 1 keeps them in float32). ``int8`` (INT4 only) is what stays in 8 bits: ``"head"`` (the
+    default: the output head), ``"mixed"`` (the head and llama.cpp's sensitive layers) or ``"none"`` (the
+    builder's default: everything 4-bit, the head shared with the embedding); see :data:`ONNX_INT8`.
     """
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
     if precision not in ONNX_PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {ONNX_PRECISIONS}")
+    if int8 not in ONNX_INT8:
+        raise ValueError(f"int8={int8!r} is not one of {sorted(ONNX_INT8)}")
     out = Path(out)
     extra = ["hf_token=false"]
     if precision == "int4":
         extra.append(f"block_size={block_size}")
         if accuracy_level is not None:
             extra.append(f"accuracy_level={accuracy_level}")
+        extra += ONNX_INT8[int8]
     if adapter is not None:
         extra.append(f"adapter_path={adapter}")
         if precision == "int4":
@@ -362,13 +398,15 @@ def export_onnx_adapters(
     out: str | os.PathLike,
     precision: str = "int4",
     accuracy_level: int | None = None,
+    int8: str = "head",
 ) -> dict[str, Path]:
     """Export the base in ``model_dir`` once, with LoRA inputs, and each adapter ``{name: folder}`` to
     ``out/<name>.onnx_adapter``; returns ``{name: file}``. Load them with ``OnnxLM(out, adapters=...)``."""
     if not adapters:
         raise ValueError("export_onnx_adapters needs at least one adapter")
     out = Path(out)
-    export_onnx(model_dir, out, precision, adapter=next(iter(adapters.values())), accuracy_level=accuracy_level)
+    first = next(iter(adapters.values()))
+    export_onnx(model_dir, out, precision, adapter=first, accuracy_level=accuracy_level, int8=int8)
     inputs = _make_lora_inputs(out / "model.onnx")
     return {
         name: write_onnx_adapter(folder, out / f"{name}{ADAPTER_SUFFIX}", inputs) for name, folder in adapters.items()
