@@ -61,7 +61,9 @@ TORCH_INDEX_OPTIONS = case '$(TORCH)' in (*index-url*) exit 0;; esac; \
 $(STAMP): pyproject.toml constraints.txt $(TORCH_CHOICE) | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH) $$($(TORCH_INDEX_OPTIONS))
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[reference,deploy,lab,dev]"
+	@# llama-cpp-python (the gguf-run extra) is a source package: pip compiles llama.cpp's library only, for this CPU.
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=ON" \
+		CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install --quiet -c constraints.txt -e ".[reference,deploy,gguf-run,lab,dev]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (lorakit)" >/dev/null
 	@# nbgrader is here for its ClearSolutions preprocessor (make student), not its course-management UI.
 	$(VENV)/bin/jupyter labextension disable --level=sys_prefix @jupyter/nbgrader >/dev/null 2>&1
