@@ -196,7 +196,8 @@ def compare_logits(
 ) -> dict[str, Comparison]:
     """Each model's logit error against ``reference`` and its perplexity, on ``(N, T)`` token blocks.
 
-    One reference forward per batch serves every model; the perplexity is computed from the same
+    One reference forward per batch serves every model (the reference itself, among ``models``, is not run
+    again: its error is 0); the perplexity is computed from the same
     logits as ``lorakit.data.perplexity`` computes it (exp of the mean next-token cross-entropy), and
     ``heldout`` holds it as :func:`lorakit.heldout_perplexity` reports it: with a bootstrap interval
     over the blocks, comparable by :func:`lorakit.compare_perplexity` with any result on the same blocks.
@@ -212,12 +213,13 @@ def compare_logits(
         targets = ids[:, 1:].flatten()  # (B * (T - 1),) each position predicts the next token
         n_logits += ref.numel()
         for name, model in models.items():
-            logits = model(input_ids=ids).logits.float()  # (B, T, vocab)
-            error = (logits - ref).abs()
-            worst[name] = max(worst[name], error.max().item())
-            error_sum[name] += error.sum().item()
+            logits = ref if model is reference else model(input_ids=ids).logits.float()  # (B, T, vocab)
             nll = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets, reduction="none")  # (B * (T - 1),)
             losses[name].append(nll.view(len(ids), -1).double().mean(dim=1).cpu())  # (B,)
+            if model is not reference:  # the reference itself: error 0, and its forward is not run twice
+                error = logits.sub_(ref).abs_()  # in place: this model's logits are not needed any more
+                worst[name] = max(worst[name], error.max().item())
+                error_sum[name] += error.sum().item()
     out = {}
     for name in models:
         heldout = perplexity_from_losses(torch.cat(losses[name]), blocks)

@@ -299,6 +299,18 @@ def test_compare_logits(tiny):
         assert math.isclose(result[name].perplexity, perplexity(m, blocks), rel_tol=1e-5), name
 
 
+def test_compare_logits_runs_the_reference_once_per_batch(tiny):
+    model = qlora(tiny)  # made before the hook, so the copy does not carry it
+    calls = []
+    hook = tiny.register_forward_hook(lambda module, args, output: calls.append(1))
+    blocks = torch.randint(0, 64, (5, 9), generator=torch.Generator().manual_seed(3))  # 3 batches of 2, 2, 1
+    try:
+        compare_logits(tiny, {"base": tiny, "qlora": model}, blocks, batch_size=2)
+    finally:
+        hook.remove()
+    assert len(calls) == 3  # one forward per batch, though the reference is also among the models
+
+
 def test_compare_logits_reports_the_workbook_protocol(tiny):
     """``heldout`` is what heldout_perplexity gives on the same blocks: same figure, interval and digest."""
     model = qlora(tiny)
