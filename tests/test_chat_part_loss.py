@@ -1,7 +1,7 @@
 """lorakit.instruct's loss per part of a conversation: the answer tokens (what the mask keeps) and the
 prompt tokens (what it leaves out), per example, pooled, and with a bootstrap interval over examples;
 and, on a tiny model, the claim notebook 07 asserts: training without the mask lowers the prompt-token
-loss (the model learns to write the questions), training with it leaves that loss alone."""
+loss (the model learns to write the questions) far more than training with it."""
 
 from __future__ import annotations
 
