@@ -5,6 +5,9 @@
   labels are -100 outside the assistant's turns (:mod:`lorakit.chat`). ``mask=False`` trains on every
   token instead, to measure what the mask is worth.
 - :func:`heldout_loss`: the mean loss per answer token on held-out conversations (nats).
+- :func:`part_loss`: the same on the answer or on the *prompt* tokens, with a bootstrap interval over
+  examples. The prompt-token loss measures what a fine-tune without the mask learns besides the
+  answers: to write the questions.
 - :func:`answer_accuracy`: exact match of the greedy answer against the reference, with a 95% Wilson
   interval. Greedy decoding writes the reference and stops exactly when, fed the reference, the model's
   most likely next token is the reference's next token at every position up to and including the
@@ -23,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorakit.chat import IGNORE_INDEX, Example, Tokenized, length_grouped_batches, pad_batch
+from lorakit.evaluation import RESAMPLES, _check_bootstrap, _interval, _resampled_means
 from lorakit.train import _non_finite, make_optimizer, warmup_cosine
 
 CONFIDENCE = 0.95
@@ -115,24 +119,115 @@ def train_instruct(
     return result
 
 
+PARTS = ("answer", "prompt")
+
+
+def part_labels(input_ids: list[int], labels: list[int], part: str = "answer") -> list[int]:
+    """The labels that score ``part`` of one tokenized conversation.
+
+    ``"answer"``: the labels themselves (the assistant's turns, their end-of-turn tokens included).
+    ``"prompt"``: the complement, every token the mask leaves out (the system turn, the questions, the
+    template's markup), the first token excepted, since nothing predicts it.
+    """
+    if part not in PARTS:
+        raise ValueError(f"part={part!r} is not valid; choose one of {', '.join(PARTS)}")
+    if part == "answer":
+        return list(labels)
+    rest = zip(input_ids[1:], labels[1:])
+    return [IGNORE_INDEX] + [tok if lab == IGNORE_INDEX else IGNORE_INDEX for tok, lab in rest]
+
+
 @torch.no_grad()
-def heldout_loss(model: torch.nn.Module, data: Tokenized, pad_id: int, batch_size: int = 16) -> float:
-    """Mean next-token loss (nats) over every counted label of ``data``, all examples pooled."""
+def example_losses(
+    model: torch.nn.Module, data: Tokenized, pad_id: int, part: str = "answer", batch_size: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example of ``data``: the summed next-token loss (nats) over the tokens of ``part``
+    (:func:`part_labels`) and how many there are, two ``(N,)`` tensors (float64, int64) in ``data``'s order."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    labels = [part_labels(ids, lab, part) for ids, lab in zip(data.input_ids, data.labels)]
+    sums = torch.zeros(len(labels), dtype=torch.float64)
+    counts = torch.zeros(len(labels), dtype=torch.int64)
     order = sorted(range(len(data.input_ids)), key=lambda i: len(data.input_ids[i]))  # little padding
+    was_training = model.training
+    model.eval()
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        batch = pad_batch([data.input_ids[i] for i in rows], [data.labels[i] for i in rows], pad_id)
+        batch = pad_batch([data.input_ids[i] for i in rows], [labels[i] for i in rows], pad_id)
         ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         logits = model(input_ids=ids, attention_mask=attention).logits  # (B, T, V)
         targets = batch["labels"][:, 1:].to(device)  # (B, T-1): position t predicts token t + 1
         nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )  # (B, T-1), 0 where the target does not count
+        sums[rows] = nll.sum(dim=1).double().cpu()
+        counts[rows] = (targets != IGNORE_INDEX).sum(dim=1).cpu()
+    model.train(was_training)
+    return sums, counts
+
+
+def heldout_loss(model: torch.nn.Module, data: Tokenized, pad_id: int, batch_size: int = 16) -> float:
+    """Mean next-token loss (nats) over every counted label of ``data``, all examples pooled."""
+    sums, counts = example_losses(model, data, pad_id, "answer", batch_size)
+    return (sums.sum() / counts.sum()).item()
+
+
+@dataclass(frozen=True)
+class TokenLoss:
+    """The mean loss per token of one part of the conversations, with a bootstrap interval over examples."""
+
+    loss: float  # nats per token, all examples pooled
+    low: float
+    high: float
+    part: str
+    n_examples: int
+    n_tokens: int
+    confidence: float = CONFIDENCE
+    sums: tuple[float, ...] = field(default=(), repr=False)  # per example, nats
+    counts: tuple[int, ...] = field(default=(), repr=False)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.loss:.3f} nats per {self.part} token ({self.confidence:.0%} CI {self.low:.3f}-{self.high:.3f}, "
+            f"bootstrap over {self.n_examples} examples)"
         )
-        total += nll.item()
-        count += int((targets != IGNORE_INDEX).sum())
-    return total / count
+
+
+def part_loss(
+    model: torch.nn.Module,
+    data: Tokenized,
+    pad_id: int,
+    part: str = "prompt",
+    batch_size: int = 16,
+    confidence: float = CONFIDENCE,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> TokenLoss:
+    """The pooled loss per token of ``part`` (``"prompt"`` or ``"answer"``) on ``data``, with a percentile
+    bootstrap interval: the examples are resampled with replacement, and each resample's pooled loss is
+    its summed loss over its token count (:mod:`lorakit.evaluation`'s bootstrap, Efron & Tibshirani 1993).
+
+    With ``part="prompt"`` it says whether a model learned to write the questions: a fine-tune without
+    the loss mask lowers it, one with the mask does not have to.
+    """
+    _check_bootstrap(confidence, resamples)
+    if len(data.input_ids) < 2:
+        raise ValueError(f"part_loss: need at least 2 examples for an interval, got {len(data.input_ids)}")
+    sums, counts = example_losses(model, data, pad_id, part, batch_size)
+    if counts.sum() == 0:
+        raise ValueError(f"part_loss: no {part} token in the {len(counts)} examples")
+    means = _resampled_means(torch.stack([sums, counts.double()], dim=1), resamples, seed)  # (R, 2)
+    low, high = _interval(means[:, 0] / means[:, 1], confidence)
+    return TokenLoss(
+        loss=(sums.sum() / counts.sum()).item(),
+        low=low,
+        high=high,
+        part=part,
+        n_examples=len(counts),
+        n_tokens=int(counts.sum()),
+        confidence=confidence,
+        sums=tuple(sums.tolist()),
+        counts=tuple(counts.tolist()),
+    )
 
 
 def wilson_interval(correct: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
