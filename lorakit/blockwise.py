@@ -16,6 +16,7 @@ quantizer's layout and its pure-PyTorch kernel instead (tests/test_quantization.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -245,6 +246,19 @@ def byte_pairs(code: torch.Tensor) -> torch.Tensor:
     return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)  # (256, 2)
 
 
+_kept = threading.local()  # each thread's scratch buffers: {(name, dtype, device): tensor}
+
+
+def scratch_buffer(name: str, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A ``(size,)`` tensor of uninitialised scratch, the same memory at every call with the same name,
+    dtype and device on this thread (grown when a call needs more). For work that is done within one call."""
+    kept = _kept.__dict__.setdefault("buffers", {})
+    key = (name, dtype, torch.device(device))
+    if key not in kept or kept[key].numel() < size:
+        kept[key] = torch.empty(size, dtype=dtype, device=device)
+    return kept[key][:size]
+
+
 def dequantize_blockwise(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     """``code[q] * absmax`` per block in float32, cast to ``state.dtype``, in ``state.shape``: the
     numbers of :func:`dequantize_blockwise_reference`, bit for bit, without its float32 copy.
@@ -255,10 +269,11 @@ def dequantize_blockwise(packed: torch.Tensor, state: QuantState) -> torch.Tenso
     bit-identical). So a bfloat16 weight never exists as a full float32 copy. A float32 output needs
     no rounding, and is decoded into directly.
 
-    Two details make it fast. The codes become indices (uint8 to int32) in one small buffer reused by
-    every step: a fresh tensor per step would cost new memory pages each time. And a 4-bit byte's two
-    float32 values are gathered as one 8-byte word (``byte_pairs`` viewed as int64): a gather of single
-    elements is several times faster than one of 2-value rows.
+    Two details make it fast. The scratch and the step's indices (the codes as int32) live in small
+    buffers kept for the next call (:func:`scratch_buffer`): a fresh tensor for each would cost new
+    memory pages each time, hundreds of times in a training step. And a 4-bit byte's two float32 values
+    are gathered as one 8-byte word (``byte_pairs`` viewed as int64): a gather of single elements is
+    several times faster than one of 2-value rows.
     """
     check_state(packed, state)
     absmax = state.absmax
@@ -272,8 +287,9 @@ def dequantize_blockwise(packed: torch.Tensor, state: QuantState) -> torch.Tenso
     step = max(DEQUANT_STEP // blocksize, 1) * blocksize  # whole blocks (and an even count)
     out = torch.empty(n + n % 2, dtype=state.dtype, device=packed.device)  # (n,) + a spare for an odd 4-bit count
     direct = state.dtype == torch.float32  # float32: decode straight into the output
-    scratch = None if direct else torch.empty(min(step, n + n % 2), device=packed.device)  # (step,) float32
-    index = torch.empty(min(step, n + n % 2) // per_index, dtype=torch.int32, device=packed.device)  # reused
+    count = min(step, n + n % 2)  # values decoded per step
+    scratch = None if direct else scratch_buffer("values", count, torch.float32, packed.device)  # (count,)
+    index = scratch_buffer("indices", count // per_index, torch.int32, packed.device)
     for start in range(0, n, step):
         stop = min(start + step, n)
         first_index, end_index = start // per_index, -(stop // -per_index)  # a 4-bit step holds whole bytes
