@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -231,9 +232,11 @@ def dequantize_blockwise_reference(packed: torch.Tensor, state: QuantState) -> t
 # book: end of dequantize, the reference
 
 
-# Values decoded per step of dequantize_blockwise: 2**18 float32 = 1 MiB of scratch, which stays in
-# the CPU cache. A power of two (at least 2), so each step holds whole blocks and an even count.
-DEQUANT_STEP = 1 << 18
+# Values decoded per step of dequantize_blockwise: 2**20 float32 = 4 MiB of scratch, which stays in
+# the CPU's cache, and holds every weight matrix of SmolLM2 in one step (fewer, larger operations:
+# each torch call costs some microseconds, whatever its size). A power of two (at least 2), so each
+# step holds whole blocks and an even count.
+DEQUANT_STEP = 1 << 20
 
 
 def byte_pairs(code: torch.Tensor) -> torch.Tensor:
@@ -244,6 +247,26 @@ def byte_pairs(code: torch.Tensor) -> torch.Tensor:
     """
     byte = torch.arange(256, device=code.device)
     return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)  # (256, 2)
+
+
+_pair_tables: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}  # id(code) -> (code, its version, table)
+
+
+def _byte_pair_words(code: torch.Tensor) -> torch.Tensor:
+    """``byte_pairs(code)`` as (256,) int64 words, built once and kept while ``code`` lives unchanged.
+
+    A training step dequantizes hundreds of times with each layer's same ``code`` tensor: building the
+    table anew each time would add a dozen small torch calls to each. The table is built again when the
+    code changes in place (its version moves); it is dropped when the code tensor is freed (a weak
+    reference). Never written to: callers only read it.
+    """
+    key = id(code)
+    entry = _pair_tables.get(key)
+    if entry is None or entry[0]() is not code or entry[1] != code._version:
+        table = byte_pairs(code).view(torch.int64).view(-1)  # (256,) one 8-byte word per byte
+        gone = weakref.ref(code, lambda _, key=key: _pair_tables.pop(key, None))
+        _pair_tables[key] = entry = (gone, code._version, table)
+    return entry[2]
 
 
 _kept = threading.local()  # each thread's scratch buffers: {(name, dtype, device): tensor}
@@ -269,11 +292,12 @@ def dequantize_blockwise(packed: torch.Tensor, state: QuantState) -> torch.Tenso
     bit-identical). So a bfloat16 weight never exists as a full float32 copy. A float32 output needs
     no rounding, and is decoded into directly.
 
-    Two details make it fast. The scratch and the step's indices (the codes as int32) live in small
+    Three details make it fast. The scratch and the step's indices (the codes as int32) live in small
     buffers kept for the next call (:func:`scratch_buffer`): a fresh tensor for each would cost new
-    memory pages each time, hundreds of times in a training step. And a 4-bit byte's two float32 values
+    memory pages each time, hundreds of times in a training step. A 4-bit byte's two float32 values
     are gathered as one 8-byte word (``byte_pairs`` viewed as int64): a gather of single elements is
-    several times faster than one of 2-value rows.
+    several times faster than one of 2-value rows. And that table is built once per codebook
+    (``_byte_pair_words``), not at every call.
     """
     check_state(packed, state)
     absmax = state.absmax
@@ -281,7 +305,8 @@ def dequantize_blockwise(packed: torch.Tensor, state: QuantState) -> torch.Tenso
         absmax = dequantize_absmax(state.absmax, state.offset, state.state2)  # (n_blocks,) float32
     n, blocksize = state.numel, state.blocksize
     if state.bits == 4:  # one index per byte, one 8-byte word (two float32 values) per index
-        table, source, per_index = byte_pairs(state.code).view(torch.int64).view(-1), packed.view(-1), 2  # (256,)
+        table = _byte_pair_words(state.code)  # (256,) int64
+        source, per_index = packed.view(-1), 2
     else:
         table, source, per_index = state.code, unpack_codes(packed, state.bits, n), 1  # (2**bits,), (n,) uint8
     step = max(DEQUANT_STEP // blocksize, 1) * blocksize  # whole blocks (and an even count)

@@ -15,6 +15,7 @@ import torch
 
 from lorakit import _quiet
 from lorakit.assets import ASSETS, require
+from lorakit.loss import use_chunked_loss
 
 _quiet.install()
 
@@ -48,6 +49,7 @@ def load_base_model(
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     if device is not None:
         model = model.to(device)
+    use_chunked_loss(model)  # .loss in chunks of rows: transformers' numbers with less memory (lorakit.loss)
     model.eval()
     return model, tokenizer
 

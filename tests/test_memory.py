@@ -229,6 +229,33 @@ def test_estimator_matches_a_bfloat16_qlora_step_of_smollm2(smollm2):
     assert within(est.activations, ledger.activations, 0.05)
 
 
+def test_estimator_counts_what_each_loss_keeps(smollm2):
+    """lorakit's chunked loss keeps the bf16 logits; transformers' keeps a float32 log-softmax of them:
+    the ledger sees the difference (2 bytes per vocabulary entry per token), and ``loss=`` describes each."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from lorakit import add_lora, quantize_model
+
+    model, _ = smollm2
+    model = add_lora(quantize_model(copy.deepcopy(model).to(torch.bfloat16)), ["q_proj"], r=8, alpha=16)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    batch = lm_batch(2, 64, vocab=model.config.vocab_size)
+    measured = {}
+    for loss in ("chunked", "transformers"):
+        if loss == "transformers":
+            model.loss_function = ForCausalLMLoss  # transformers' own
+        ledger = memory_ledger(model, batch, torch.optim.AdamW(trainable, lr=0.0))
+        est = estimate_memory(
+            model.config, "qlora", dtype="bfloat16", rank=8, targets=("q_proj",), batch_size=2, seq_len=64, loss=loss
+        )
+        assert within(est.activations, ledger.activations, 0.05), (loss, est.activations, ledger.activations)
+        measured[loss] = ledger.activations
+    saved = measured["transformers"] - measured["chunked"]
+    assert within(saved, 2 * 64 * model.config.vocab_size * 2, 0.02), saved
+    with pytest.raises(ValueError, match="loss 'fused'"):
+        estimate_memory("7B", "qlora", loss="fused")
+
+
 def test_adapter_dtype_changes_only_what_trains():
     f32 = estimate_memory("7B", "qlora", dtype="bfloat16")
     b16 = estimate_memory("7B", "qlora", dtype="bfloat16", adapter_dtype="bfloat16")

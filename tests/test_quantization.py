@@ -500,3 +500,21 @@ def test_block_normalized_is_what_the_quantizer_scales():
     w = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
     scaled = block_normalized(w, 64).view(4, 64)
     torch.testing.assert_close(scaled, w / w.abs().amax(dim=1, keepdim=True))
+
+
+def test_the_byte_pair_table_follows_its_codebook():
+    """The table dequantize keeps per codebook is rebuilt when the code changes and dropped when it is freed."""
+    import gc
+
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    packed, state = quantize_4bit(w, "nf4", 64)
+    first = dequantize_4bit(packed, state)
+    assert torch.equal(dequantize_4bit(packed, state), first)  # from the kept table
+    with torch.no_grad():
+        state.code.mul_(2)  # a changed codebook: every value doubles, not the stale table's
+    assert torch.equal(dequantize_4bit(packed, state), 2 * first)
+    key = id(state.code)
+    assert key in blockwise._pair_tables
+    del state
+    gc.collect()
+    assert key not in blockwise._pair_tables

@@ -6,8 +6,8 @@ any size (``"65B"``, a parameter count, a transformers config) and any method (`
 ``python -m lorakit.memory 65B --method qlora``. :func:`check_fit` sets it against a GPU.
 
 The activation formula counts, tensor by tensor, what the transformers Llama code with SDPA
-attention saves for backward (see :func:`activation_bytes`); ``tests/test_memory.py`` checks it
-against the ledger on SmolLM2.
+attention and lorakit's loss save for backward (see :func:`activation_bytes`); ``tests/test_memory.py``
+checks it against the ledger on SmolLM2.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def quantized_bytes(
 ATTENTION_PROJECTIONS = LLAMA_PROJECTIONS[:4]  # q, k, v, o
 MLP_PROJECTIONS = LLAMA_PROJECTIONS[4:]  # gate, up, down
 METHODS = ("full", "lora", "qlora")  # what trains: every weight, adapters on a 16/32-bit base, adapters on a k-bit base
+LOSSES = ("chunked", "transformers")  # which loss keeps what for backward: see activation_bytes
 STATE_BYTES_PER_PARAM = {  # bytes of optimizer state per trainable parameter (the 8-bit one's absmax added apart)
     "adamw": 8,  # m and v in fp32 (the usual mixed-precision convention; fp32 params: the same)
     "adamw8bit": 2,  # m and v as 8-bit codes, blockwise (lorakit.adam8bit, bitsandbytes' Adam8bit)
@@ -182,6 +183,7 @@ QLORA_PAPER_SETTING = dict(
     optimizer="paged_adamw",
     dtype="bfloat16",
     adapter_dtype="bfloat16",
+    loss="transformers",  # the paper trained with transformers' loss, which keeps a float32 log-softmax
 )
 
 # The real LLaMA-1 shapes (Touvron et al. 2023, Table 2; the released config.json files).
@@ -245,6 +247,7 @@ def activation_bytes(
     targets="all",
     gradient_checkpointing: bool = False,
     adapter_bytes: int | None = None,
+    loss: str = "chunked",
 ) -> int:
     """Bytes autograd saves for backward in one step of a Llama decoder (transformers, SDPA attention).
 
@@ -262,13 +265,17 @@ def activation_bytes(
       adapters on a bf16 model, lorakit's and peft's default): each targeted linear casts its input to
       the adapter's dtype and saves that copy, one per target (q, k and v each keep their own), and
       ``A x`` is saved in the adapter's dtype; the compute-dtype inputs are then saved by nobody.
-    * both end with the final norm and the loss: log-softmax saves fp32 logits (vocab per token).
+    * both end with the final norm and the loss. ``loss="chunked"``: lorakit's (:mod:`lorakit.loss`,
+      which ``load_base_model`` installs) keeps only the logits, in the compute dtype (vocab per token);
+      ``loss="transformers"``: transformers' own keeps their float32 log-softmax (4 bytes per entry).
 
     With gradient checkpointing (one checkpoint per decoder block) only each block's input is kept,
     plus one block's activations while it is recomputed.
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {METHODS}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss {loss!r}: expected one of {LOSSES}")
     b, h, kv, i, a = dtype_bytes, shape.hidden_size, shape.kv_size, shape.intermediate_size, shape.num_heads
     ab = b if adapter_bytes is None else adapter_bytes
     tokens = batch_size * seq_len
@@ -291,7 +298,7 @@ def activation_bytes(
         block = norms + lin_inputs + attention + mlp + len(t) * rank * ab
         first_block = block - h * x_fp32 - 4  # layer 0's input comes from the frozen embedding
         final = h * x_fp32 + 4
-    final += shape.vocab_size * 4  # log-softmax output, fp32
+    final += shape.vocab_size * (b if loss == "chunked" else 4)  # the logits, or their fp32 log-softmax
     if gradient_checkpointing:
         per_token = shape.num_layers * h * b + block + final
     else:
@@ -343,6 +350,7 @@ def estimate_memory(
     blocksize: int = 64,
     double_quant: bool = True,
     adapter_dtype: str = "float32",
+    loss: str = "chunked",
 ) -> MemoryEstimate:
     """Estimate the memory of one training step from shapes alone.
 
@@ -359,6 +367,8 @@ def estimate_memory(
       (``autocast_adapter_dtype=True``) keep adapters in float32 on a bf16/fp16 base, because a
       16-bit adapter's small updates round away (bf16 keeps 8 significant bits). The QLoRA paper's
       script casts them to bf16 (``QLORA_PAPER_SETTING`` says so); with a float32 ``dtype`` both are float32.
+    * ``loss``: ``"chunked"`` (lorakit's, :mod:`lorakit.loss`: keeps the logits) or ``"transformers"``
+      (keeps a float32 log-softmax of them: the production stack's, and the QLoRA paper's).
     * ``optimizer``: ``"adamw"`` (fp32 moments), ``"adamw8bit"`` (8-bit blockwise moments),
       ``"paged_adamw"`` (fp32 moments paged out to CPU memory: reported apart, not in ``total``)
       or ``"sgd"``.
@@ -416,7 +426,9 @@ def estimate_memory(
     paged = 0
     if optimizer == "paged_adamw":  # the pages live in CPU memory; under pressure none stay resident
         state, paged = 0, state
-    activations = activation_bytes(shape, batch_size, seq_len, method, b, rank, targets, gradient_checkpointing, ab)
+    activations = activation_bytes(
+        shape, batch_size, seq_len, method, b, rank, targets, gradient_checkpointing, ab, loss
+    )
     settings = dict(
         bits=bits,
         dtype=dtype,
