@@ -260,6 +260,8 @@ def _byte_pair_words(code: torch.Tensor) -> torch.Tensor:
     code changes in place (its version moves); it is dropped when the code tensor is freed (a weak
     reference). Never written to: callers only read it.
     """
+    if code.is_inference():  # made under torch.inference_mode: no version counter tells a change, so no cache
+        return byte_pairs(code).view(torch.int64).view(-1)
     key = id(code)
     entry = _pair_tables.get(key)
     if entry is None or entry[0]() is not code or entry[1] != code._version:
@@ -277,12 +279,14 @@ def scratch_buffer(name: str, size: int, dtype: torch.dtype, device: torch.devic
     dtype and device on this thread (grown when a call needs more). For work that is done within one call."""
     kept = _kept.__dict__.setdefault("buffers", {})
     key = (name, dtype, torch.device(device))
-    if key not in kept or kept[key].numel() < size:
+    # A buffer made under torch.inference_mode cannot be written outside it: such a one is replaced.
+    stale = key in kept and kept[key].is_inference() and not torch.is_inference_mode_enabled()
+    if key not in kept or kept[key].numel() < size or stale:
         kept[key] = torch.empty(size, dtype=dtype, device=device)
     return kept[key][:size]
 
 
-def dequantize_blockwise(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+def dequantize_blockwise(packed: torch.Tensor, state: QuantState, out: torch.Tensor | None = None) -> torch.Tensor:
     """``code[q] * absmax`` per block in float32, cast to ``state.dtype``, in ``state.shape``: the
     numbers of :func:`dequantize_blockwise_reference`, bit for bit, without its float32 copy.
 
@@ -298,6 +302,9 @@ def dequantize_blockwise(packed: torch.Tensor, state: QuantState) -> torch.Tenso
     are gathered as one 8-byte word (``byte_pairs`` viewed as int64): a gather of single elements is
     several times faster than one of 2-value rows. And that table is built once per codebook
     (``_byte_pair_words``), not at every call.
+
+    ``out``: a contiguous (numel rounded up to even,) tensor of ``state.dtype`` to write into (a buffer
+    ``Linear4bit.dequantize_for_matmul`` reuses); by default a new tensor.
     """
     check_state(packed, state)
     absmax = state.absmax
@@ -310,7 +317,12 @@ def dequantize_blockwise(packed: torch.Tensor, state: QuantState) -> torch.Tenso
     else:
         table, source, per_index = state.code, unpack_codes(packed, state.bits, n), 1  # (2**bits,), (n,) uint8
     step = max(DEQUANT_STEP // blocksize, 1) * blocksize  # whole blocks (and an even count)
-    out = torch.empty(n + n % 2, dtype=state.dtype, device=packed.device)  # (n,) + a spare for an odd 4-bit count
+    if out is None:
+        out = torch.empty(n + n % 2, dtype=state.dtype, device=packed.device)  # (n,) + a spare for an odd 4-bit count
+    elif out.shape != (n + n % 2,) or out.dtype != state.dtype or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous ({n + n % 2},) {state.dtype} tensor, got {tuple(out.shape)} {out.dtype}"
+        )
     direct = state.dtype == torch.float32  # float32: decode straight into the output
     count = min(step, n + n % 2)  # values decoded per step
     scratch = None if direct else scratch_buffer("values", count, torch.float32, packed.device)  # (count,)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.blockwise import QuantState, dequantize_blockwise, quantize_blockwise
+from lorakit.blockwise import QuantState, dequantize_blockwise, quantize_blockwise, scratch_buffer
 from lorakit.codebooks import parse_kind
 from lorakit.double_quant import SecondLevelState
 
@@ -31,13 +31,18 @@ class DequantizeMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: Linear4bit) -> torch.Tensor:
         ctx.layer = layer
-        return nn.functional.linear(x, layer.dequantize(x.dtype), bias)  # (..., out_features)
+        return nn.functional.linear(x, layer.dequantize_for_matmul(x.dtype), bias)  # (..., out_features)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            w = ctx.layer.dequantize(grad_y.dtype)  # (out_features, in_features), recomputed
+            # (out_features, in_features), recomputed; a tensor of its own if autograd keeps it (create_graph)
+            w = (
+                ctx.layer.dequantize(grad_y.dtype)
+                if torch.is_grad_enabled()
+                else ctx.layer.dequantize_for_matmul(grad_y.dtype)
+            )
             grad_x = grad_y @ w  # (..., out_features) @ (out_features, in_features) -> (..., in_features)
         if ctx.needs_input_grad[1]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)  # (out_features,)
@@ -118,6 +123,20 @@ class Linear4bit(nn.Module):
         """The weight, (out_features, in_features), in ``dtype`` (default: its original dtype)."""
         w = dequantize_blockwise(self.weight_packed, self.state)
         return w if dtype is None else w.to(dtype)
+
+    def dequantize_for_matmul(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in ``dtype``, written into a buffer this thread reuses at its next call: never keep it.
+
+        For a matrix multiply that uses it at once (``DequantizeMatmul``, twice a step for every layer). A new
+        tensor each time would be a new allocation each time; the fine-tune command has glibc give large
+        freed blocks back to the system (``lorakit.memory.return_freed_memory``), so each would also be a
+        new memory mapping whose pages the kernel must zero, about 1 ms per 4 MB.
+        """
+        if dtype != self.weight_dtype:  # a cast makes a tensor of its own anyway
+            return self.dequantize(dtype)
+        n = self.out_features * self.in_features
+        out = scratch_buffer("weight", n + n % 2, dtype, self.weight_packed.device)  # (n,) + a spare for odd n
+        return dequantize_blockwise(self.weight_packed, self.state, out=out)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -276,3 +276,50 @@ def test_backward_recomputes_the_weight_instead_of_keeping_it(bias_trains):
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-6, atol=1e-6)
     if bias_trains:
         torch.testing.assert_close(q.bias.grad, b2.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_the_matmul_reuses_one_buffer_and_gives_the_same_numbers():
+    """forward and backward dequantize into this thread's reused buffer: the same bits as a fresh weight."""
+    layers = [Linear4bit.from_linear(nn.Linear(d_in, d_out), "nf4", 64, True) for d_in, d_out in ((64, 96), (96, 32))]
+    first, second = (q.dequantize_for_matmul(torch.float32) for q in layers)
+    assert first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()  # one buffer, rewritten
+    assert torch.equal(second, layers[1].dequantize())
+    x = torch.randn(3, 64, requires_grad=True)
+    y = layers[1](layers[0](x).relu())
+    y.backward(torch.ones_like(y))
+    w0, w1 = layers[0].dequantize(), layers[1].dequantize()
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = torch.nn.functional.linear(torch.nn.functional.linear(x_ref, w0, layers[0].bias).relu(), w1, layers[1].bias)
+    y_ref.backward(torch.ones_like(y_ref))
+    assert torch.equal(y, y_ref) and torch.equal(x.grad, x_ref.grad)
+
+
+def test_a_gradient_of_a_gradient_gets_a_weight_of_its_own():
+    """With create_graph=True autograd keeps backward's weight: it must not be the reused buffer."""
+    layers = [Linear4bit.from_linear(nn.Linear(64, 64), "nf4", 64, True) for _ in range(2)]
+    x = torch.randn(3, 64, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(layers[1](layers[0](x).tanh()).square().sum(), x, create_graph=True)
+    grad_x.sum().backward()  # through both layers' backward matmuls again
+    w0, w1 = layers[0].dequantize(), layers[1].dequantize()
+    x_ref = x.detach().clone().requires_grad_()
+
+    def f(t):
+        return torch.nn.functional.linear(torch.nn.functional.linear(t, w0, layers[0].bias).tanh(), w1, layers[1].bias)
+
+    (g_ref,) = torch.autograd.grad(f(x_ref).square().sum(), x_ref, create_graph=True)
+    g_ref.sum().backward()
+    torch.testing.assert_close(grad_x, g_ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_layer_used_under_inference_mode_still_trains_afterwards(dtype):
+    """The reused buffers made under torch.inference_mode (the lab's inference) are not written outside it."""
+    q = Linear4bit.from_linear(nn.Linear(64, 32).to(dtype), "nf4", 64, True)
+    x = torch.randn(2, 64, dtype=dtype)
+    with torch.inference_mode():
+        inside = q(x)
+    x.requires_grad_()
+    y = q(x)
+    y.sum().backward()
+    assert torch.equal(y.detach(), inside) and x.grad is not None

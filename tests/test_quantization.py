@@ -518,3 +518,14 @@ def test_the_byte_pair_table_follows_its_codebook():
     del state
     gc.collect()
     assert key not in blockwise._pair_tables
+
+
+def test_a_codebook_made_in_inference_mode_dequantizes():
+    """Inference tensors have no version counter: their table is built at each call, with the same bits."""
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        packed, state = quantize_4bit(w, "nf4", 64)
+        inside = dequantize_4bit(packed, state)
+    assert state.code.is_inference()
+    assert torch.equal(dequantize_4bit(packed, state), inside)
+    assert torch.equal(inside, dequantize_4bit(*quantize_4bit(w, "nf4", 64)))
