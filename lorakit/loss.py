@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Rows of logits per chunk: 32 x 49,152 float32 values = 6 MB for SmolLM2.
-CHUNK_ROWS = 32
+# Rows of logits per chunk: 16 x 49,152 float32 values = 3 MB for SmolLM2, which stays in the CPU's cache
+# (on a 2-core CPU 16 rows beat 8, 32 and 64 in float32, and bfloat16 is within 20% of its best there).
+CHUNK_ROWS = 16
 
 
 class TargetLogProb(torch.autograd.Function):
