@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lorakit.blockwise import scratch_buffer
+
 # Rows of logits per chunk: 16 x 49,152 float32 values = 3 MB for SmolLM2, which stays in the CPU's cache
 # (on a 2-core CPU 16 rows beat 8, 32 and 64 in float32, and bfloat16 is within 20% of its best there).
 CHUNK_ROWS = 16
@@ -32,7 +34,8 @@ class TargetLogProb(torch.autograd.Function):
 
     Rows whose target is ``ignore_index`` get 0 and no gradient. Forward keeps only ``logits`` and
     ``targets``; backward recomputes each chunk's log-softmax and applies torch's own log-softmax backward
-    to it, so the gradient has the bits of ``log_softmax`` + ``gather`` through autograd.
+    to it, so the gradient has the bits of ``log_softmax`` + ``gather`` through autograd. A chunk's float32
+    tensors live in buffers reused from chunk to chunk and step to step (:func:`chunk_buffers`).
     """
 
     @staticmethod
@@ -40,10 +43,12 @@ class TargetLogProb(torch.autograd.Function):
         valid = targets != ignore_index
         index = torch.where(valid, targets, 0).unsqueeze(1)  # (N, 1); an ignored row reads column 0, then 0
         picked = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)  # (N,)
+        as_float, logp, _ = chunk_buffers(rows, logits)
         for start in range(0, logits.shape[0], rows):
             part = slice(start, start + rows)
-            logp = torch.log_softmax(logits[part].float(), dim=-1)  # (rows, V), float32
-            picked[part] = logp.gather(1, index[part]).squeeze(1)
+            x = _as_float(logits[part], as_float)  # (rows, V) float32
+            torch.log_softmax(x, dim=-1, out=logp[: len(x)])
+            picked[part] = logp[: len(x)].gather(1, index[part]).squeeze(1)
         picked.masked_fill_(~valid, 0.0)
         ctx.save_for_backward(logits, index, valid)
         ctx.rows = rows
@@ -54,13 +59,43 @@ class TargetLogProb(torch.autograd.Function):
         logits, index, valid = ctx.saved_tensors
         grad = torch.empty_like(logits)  # (N, V) in the logits' dtype
         grad_picked = grad_picked.masked_fill(~valid, 0.0)
+        as_float, logp, grad_logp = chunk_buffers(ctx.rows, logits)
         for start in range(0, logits.shape[0], ctx.rows):
             part = slice(start, start + ctx.rows)
-            logp = torch.log_softmax(logits[part].float(), dim=-1)  # recomputed, not kept
-            grad_logp = torch.zeros_like(logp).scatter_(1, index[part], grad_picked[part].unsqueeze(1))
+            x = _as_float(logits[part], as_float)
+            n = len(x)
+            torch.log_softmax(x, dim=-1, out=logp[:n])  # recomputed, not kept
+            grad_logp[:n].zero_().scatter_(1, index[part], grad_picked[part].unsqueeze(1))
             # d log_softmax: grad_logp - softmax * sum(grad_logp), torch's kernel; then cast as .float()'s backward
-            grad[part] = torch._log_softmax_backward_data(grad_logp, logp, 1, torch.float32)
+            if grad.dtype == torch.float32:
+                torch._log_softmax_backward_data(grad_logp[:n], logp[:n], 1, torch.float32, out=grad[part])
+            else:
+                torch._log_softmax_backward_data(grad_logp[:n], logp[:n], 1, torch.float32, out=as_float[:n])
+                grad[part] = as_float[:n]
         return grad, None, None, None
+
+
+def chunk_buffers(rows: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three ``(rows, V)`` float32 buffers, the same memory at every call on this thread.
+
+    Fresh tensors for each chunk would be fresh memory each time: with the fine-tune command's allocator
+    (``lorakit.memory.return_freed_memory``) a 3 MB chunk is a new memory mapping whose pages the kernel
+    zeroes, four times a chunk, 64 chunks a step.
+    """
+    vocab = logits.shape[-1]
+    return tuple(
+        scratch_buffer(f"loss {name}", rows * vocab, torch.float32, logits.device).view(rows, vocab)
+        for name in ("float32 logits", "log-softmax", "gradient")
+    )
+
+
+def _as_float(chunk: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """``chunk.float()``: the chunk itself if float32, else its copy in ``buffer``."""
+    if chunk.dtype == torch.float32:
+        return chunk
+    out = buffer[: len(chunk)]
+    out.copy_(chunk)
+    return out
 
 
 def causal_lm_loss(
