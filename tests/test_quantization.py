@@ -529,3 +529,14 @@ def test_a_codebook_made_in_inference_mode_dequantizes():
     assert state.code.is_inference()
     assert torch.equal(dequantize_4bit(packed, state), inside)
     assert torch.equal(inside, dequantize_4bit(*quantize_4bit(w, "nf4", 64)))
+
+
+def test_dequantize_into_a_buffer_checks_it():
+    """``out=`` takes a contiguous buffer of the weight's size and dtype, and says what it needs otherwise."""
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    packed, state = quantize_4bit(w, "nf4", 64)
+    out = torch.empty(256)
+    assert torch.equal(blockwise.dequantize_blockwise(packed, state, out=out), dequantize_4bit(packed, state))
+    for wrong in (torch.empty(255), torch.empty(256, dtype=torch.bfloat16), torch.empty(512)[::2]):
+        with pytest.raises(ValueError, match=r"out must be a contiguous \(256,\) torch.float32 tensor"):
+            blockwise.dequantize_blockwise(packed, state, out=wrong)
