@@ -232,11 +232,13 @@ def dequantize_blockwise_reference(packed: torch.Tensor, state: QuantState) -> t
 # book: end of dequantize, the reference
 
 
-# Values decoded per step of dequantize_blockwise: 2**20 float32 = 4 MiB of scratch, which stays in
-# the CPU's cache, and holds every weight matrix of SmolLM2 in one step (fewer, larger operations:
-# each torch call costs some microseconds, whatever its size). A power of two (at least 2), so each
-# step holds whole blocks and an even count.
+# Values decoded per step of dequantize_blockwise: 2**20 float32 = 4 MiB of scratch, and 4 MiB of int64
+# indices (one per packed byte). That holds every weight matrix of SmolLM2 in one step (fewer, larger
+# operations: each torch call costs some microseconds, whatever its size). A power of two (at least
+# 2), so each step holds whole blocks and an even count.
 DEQUANT_STEP = 1 << 20
+# A gather along one dimension runs on one thread; cut into up to this many rows, torch spreads it over its threads.
+GATHER_ROWS = 16
 
 
 def byte_pairs(code: torch.Tensor) -> torch.Tensor:
@@ -286,6 +288,12 @@ def scratch_buffer(name: str, size: int, dtype: torch.dtype, device: torch.devic
     return kept[key][:size]
 
 
+def decoded_numel(state: QuantState) -> int:
+    """How many values :func:`dequantize_blockwise` writes: ``state.numel``, rounded up to even at 4 bits
+    (a byte holds two codes; the spare past an odd ``numel`` is scratch)."""
+    return state.numel + state.numel % 2 if state.bits == 4 else state.numel
+
+
 def dequantize_blockwise(packed: torch.Tensor, state: QuantState, out: torch.Tensor | None = None) -> torch.Tensor:
     """``code[q] * absmax`` per block in float32, cast to ``state.dtype``, in ``state.shape``: the
     numbers of :func:`dequantize_blockwise_reference`, bit for bit, without its float32 copy.
@@ -296,21 +304,23 @@ def dequantize_blockwise(packed: torch.Tensor, state: QuantState, out: torch.Ten
     bit-identical). So a bfloat16 weight never exists as a full float32 copy. A float32 output needs
     no rounding, and is decoded into directly.
 
-    Three details make it fast. The scratch and the step's indices (the codes as int32) live in small
+    Four details make it fast. The scratch and the step's indices (the codes as int64) live in small
     buffers kept for the next call (:func:`scratch_buffer`): a fresh tensor for each would cost new
     memory pages each time, hundreds of times in a training step. A 4-bit byte's two float32 values
     are gathered as one 8-byte word (``byte_pairs`` viewed as int64): a gather of single elements is
-    several times faster than one of 2-value rows. And that table is built once per codebook
-    (``_byte_pair_words``), not at every call.
+    several times faster than one of 2-value rows. That table is built once per codebook
+    (``_byte_pair_words``), not at every call, and is small enough (2 KiB) to stay in the fastest
+    cache between calls. And the gather is cut into rows (:data:`GATHER_ROWS`), which torch spreads
+    over its threads (``index_select`` of a 1-D table runs on one).
 
-    ``out``: a contiguous (numel rounded up to even,) tensor of ``state.dtype`` to write into (a buffer
-    ``Linear4bit.dequantize_for_matmul`` reuses); by default a new tensor.
+    ``out``: a contiguous ``(decoded_numel(state),)`` tensor of ``state.dtype`` to write into (a
+    buffer ``Linear4bit.dequantize_for_matmul`` reuses); by default a new tensor.
     """
     check_state(packed, state)
     absmax = state.absmax
     if state.nested:
         absmax = dequantize_absmax(state.absmax, state.offset, state.state2)  # (n_blocks,) float32
-    n, blocksize = state.numel, state.blocksize
+    n, blocksize, decoded = state.numel, state.blocksize, decoded_numel(state)
     if state.bits == 4:  # one index per byte, one 8-byte word (two float32 values) per index
         table = _byte_pair_words(state.code)  # (256,) int64
         source, per_index = packed.view(-1), 2
@@ -318,23 +328,24 @@ def dequantize_blockwise(packed: torch.Tensor, state: QuantState, out: torch.Ten
         table, source, per_index = state.code, unpack_codes(packed, state.bits, n), 1  # (2**bits,), (n,) uint8
     step = max(DEQUANT_STEP // blocksize, 1) * blocksize  # whole blocks (and an even count)
     if out is None:
-        out = torch.empty(n + n % 2, dtype=state.dtype, device=packed.device)  # (n,) + a spare for an odd 4-bit count
-    elif out.shape != (n + n % 2,) or out.dtype != state.dtype or not out.is_contiguous():
+        out = torch.empty(decoded, dtype=state.dtype, device=packed.device)  # (n,) + a spare for an odd 4-bit count
+    elif out.shape != (decoded,) or out.dtype != state.dtype or not out.is_contiguous():
         raise ValueError(
-            f"out must be a contiguous ({n + n % 2},) {state.dtype} tensor, got {tuple(out.shape)} {out.dtype}"
+            f"out must be a contiguous ({decoded},) {state.dtype} tensor, got {tuple(out.shape)} {out.dtype}"
         )
-    direct = state.dtype == torch.float32  # float32: decode straight into the output
-    count = min(step, n + n % 2)  # values decoded per step
+    direct = state.dtype == torch.float32 and out.storage_offset() % per_index == 0  # decode into the output
+    count = min(step, decoded)  # values decoded per step
     scratch = None if direct else scratch_buffer("values", count, torch.float32, packed.device)  # (count,)
-    index = scratch_buffer("indices", count // per_index, torch.int32, packed.device)
+    index = scratch_buffer("indices", count // per_index, torch.int64, packed.device)
     for start in range(0, n, step):
         stop = min(start + step, n)
         first_index, end_index = start // per_index, -(stop // -per_index)  # a 4-bit step holds whole bytes
         size = (end_index - first_index) * per_index  # values decoded: stop - start, + 1 for an odd 4-bit count
         buffer = out[start : start + size] if direct else scratch[:size]  # (size,) float32
         indices = index[: end_index - first_index]
-        indices.copy_(source[first_index:end_index])  # uint8 -> int32
-        torch.index_select(table, 0, indices, out=buffer.view(table.dtype))  # 4 bits: (size / 2,) int64 words
+        indices.copy_(source[first_index:end_index])  # uint8 -> int64
+        rows = math.gcd(indices.numel(), GATHER_ROWS)  # 4 bits: (size / 2,) int64 words, in rows
+        torch.gather(table.expand(rows, -1), 1, indices.view(rows, -1), out=buffer.view(table.dtype).view(rows, -1))
         values = buffer[: stop - start]  # (stop - start,)
         full = (stop - start) // blocksize * blocksize  # the last step may end in a partial block
         first = start // blocksize

@@ -102,7 +102,10 @@ def dequantize_absmax(qabsmax: torch.Tensor, offset: torch.Tensor, state2: Secon
 
     ``code[q] * absmax2`` per block of 256 (bitsandbytes ``dequantize_blockwise``), then ``+ offset``.
     """
-    n = qabsmax.numel()
-    scale = state2.absmax.repeat_interleave(state2.blocksize)[:n]  # (n,)
-    centred = state2.code[qabsmax.long()] * scale  # (n,)
-    return centred + offset
+    n, blocksize = qabsmax.numel(), state2.blocksize
+    centred = torch.index_select(state2.code, 0, qabsmax.int())  # (n,) the codes' values
+    whole = n // blocksize  # whole blocks of 256; the last block may be partial
+    centred[: whole * blocksize].view(whole, blocksize).mul_(state2.absmax[:whole].view(whole, 1))
+    if whole * blocksize < n:
+        centred[whole * blocksize :].mul_(state2.absmax[-1])  # a partial last block
+    return centred.add_(offset)

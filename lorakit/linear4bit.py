@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.blockwise import QuantState, dequantize_blockwise, quantize_blockwise, scratch_buffer
+from lorakit.blockwise import QuantState, decoded_numel, dequantize_blockwise, quantize_blockwise, scratch_buffer
 from lorakit.codebooks import parse_kind
 from lorakit.double_quant import SecondLevelState
 
@@ -134,9 +134,9 @@ class Linear4bit(nn.Module):
         """
         if dtype != self.weight_dtype:  # a cast makes a tensor of its own anyway
             return self.dequantize(dtype)
-        n = self.out_features * self.in_features
-        out = scratch_buffer("weight", n + n % 2, dtype, self.weight_packed.device)  # (n,) + a spare for odd n
-        return dequantize_blockwise(self.weight_packed, self.state, out=out)
+        state = self.state
+        out = scratch_buffer("weight", decoded_numel(state), dtype, self.weight_packed.device)  # (n,) + spares
+        return dequantize_blockwise(self.weight_packed, state, out=out)
 
     @property
     def weight(self) -> torch.Tensor:

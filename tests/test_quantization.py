@@ -352,9 +352,10 @@ def test_dequantize_holds_no_full_size_intermediate(dtype):
     run = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, dtype], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     growth = float(run.stdout.strip().splitlines()[-1])  # peak growth over the output's size
-    # 64 MiB (float32) or 32 MiB (bfloat16) of output plus 1.5 MiB of scratch and byte indices: about
-    # 1.05-1.15; decoding the whole tensor to float32 at once (the first version) grew it 1.5x and 3x
-    assert 0.9 < growth < 1.3, f"dequantizing a 4096 x 4096 {dtype} weight grew the peak by {growth:.2f}x its output"
+    # Measured: 1.10 (float32), 1.33 (bfloat16): 64 or 32 MiB of output, plus 4 MiB of float32 scratch (bfloat16
+    # only), 4 MiB of int64 indices and a few MiB of the allocator's own. Decoding the whole tensor to float32 at
+    # once (the first version) grew it 1.5x and 3x; a whole int64 index would add 1x and 2x.
+    assert 0.9 < growth < 1.4, f"dequantizing a 4096 x 4096 {dtype} weight grew the peak by {growth:.2f}x its output"
 
 
 def test_more_bits_less_error():
@@ -537,6 +538,12 @@ def test_dequantize_into_a_buffer_checks_it():
     packed, state = quantize_4bit(w, "nf4", 64)
     out = torch.empty(256)
     assert torch.equal(blockwise.dequantize_blockwise(packed, state, out=out), dequantize_4bit(packed, state))
+    shifted = torch.empty(257)[1:]  # contiguous, but not on an 8-byte boundary: decoded through the scratch
+    assert torch.equal(blockwise.dequantize_blockwise(packed, state, out=shifted), dequantize_4bit(packed, state))
+    odd, odd_state = quantize_4bit(w.view(-1)[:65], "nf4", 64)  # 65 values in 33 bytes: 66 decoded
+    assert blockwise.decoded_numel(odd_state) == 66
+    odd_out = torch.full((66,), float("nan"))
+    assert torch.equal(blockwise.dequantize_blockwise(odd, odd_state, out=odd_out), dequantize_4bit(odd, odd_state))
     for wrong in (torch.empty(255), torch.empty(256, dtype=torch.bfloat16), torch.empty(512)[::2]):
         with pytest.raises(ValueError, match=r"out must be a contiguous \(256,\) torch.float32 tensor"):
             blockwise.dequantize_blockwise(packed, state, out=wrong)
