@@ -13,7 +13,7 @@ memory at once; every large tensor is then a fresh memory mapping, on both sides
 learner's ``python -m lorakit.finetune`` run does; glibc cannot be put back, so it comes second.
 
 Run: ``python benchmarks/bench_qlora.py [--dtype float32 bfloat16] [--allocator default finetune]``
-``[--repeats 7] [--profile]``
+``[--repeats 11] [--profile]``
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--allocator", nargs="+", default=["default", "finetune"], choices=["default", "finetune"])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--profile", action="store_true", help="print where lorakit's step spends its time")
