@@ -85,7 +85,6 @@ def measure(name: str, allocator: str, args) -> None:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             steps["lorakit"]()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-    del ours, theirs, steps
 
 
 if __name__ == "__main__":

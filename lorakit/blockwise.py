@@ -218,7 +218,7 @@ def dequantize_blockwise_reference(packed: torch.Tensor, state: QuantState) -> t
     """``code[q] * absmax`` of each value's block, in float32, rounded once to ``state.dtype``.
 
     The definition of dequantization in one pass over the whole tensor (so with a float32 copy of
-    it). :func:`dequantize_blockwise` computes the same bits in small steps (tests/test_quantization.py).
+    it). :func:`dequantize_blockwise` computes the same bits in steps of whole blocks (tests/test_quantization.py).
     """
     check_state(packed, state)
     absmax = state.absmax  # (n_blocks,)
@@ -300,12 +300,12 @@ def dequantize_blockwise(packed: torch.Tensor, state: QuantState, out: torch.Ten
     numbers of :func:`dequantize_blockwise_reference`, bit for bit, without its float32 copy.
 
     The work goes in steps of :data:`DEQUANT_STEP` values (whole blocks): decode the codes into a
-    small float32 scratch that stays in the cache, multiply each block by its absmax there, and write
+    float32 scratch of one step's size, multiply each block by its absmax there, and write
     the step into the output, rounding to its dtype once, as bitsandbytes' kernels do (the result is
     bit-identical). So a bfloat16 weight never exists as a full float32 copy. A float32 output needs
     no rounding, and is decoded into directly.
 
-    Four details make it fast. The scratch and the step's indices (the codes as int64) live in small
+    Four details make it fast. The scratch and the step's indices (the codes as int64) live in
     buffers kept for the next call (:func:`scratch_buffer`): a fresh tensor for each would cost new
     memory pages each time, hundreds of times in a training step. A 4-bit byte's two float32 values
     are gathered as one 8-byte word (``byte_pairs`` viewed as int64): a gather of single elements is
